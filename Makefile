@@ -1,0 +1,41 @@
+# mmlearn: every target creates and reuses .venv, so a fresh clone needs nothing installed beforehand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DATA   ?= data
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install data demo test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch from the local wheel first; a loose requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install mmlearn with its dev tools
+
+$(DATA)/mfeat/mfeat-pix: | $(STAMP)
+	$(PY) -m mmlearn prepare mfeat --root $(DATA)
+
+data: $(DATA)/mfeat/mfeat-pix  ## fetch and unpack the UCI Multiple Features data into ./data
+
+demo: install data  ## fit and test inter-only, intra-only and I2M2 on mfeat; print the table
+	$(PY) -m mmlearn compare --data-config data_modules/mfeat.yaml --out runs/demo
+
+test: install data  ## run the test suite
+	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests
+
+lint:  install ## ruff and mypy
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/mypy
+
+clean:  ## remove runs and caches (keeps .venv and data)
+	rm -rf runs lightning_logs .pytest_cache .mypy_cache .ruff_cache

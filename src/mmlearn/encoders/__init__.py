@@ -1,0 +1,17 @@
+"""Encoders by name: ``mlp`` (vectors), ``cnn`` (images), ``gru`` (sequences), ``hf`` (tokens).
+
+Importing this package registers all of them in :data:`ENCODERS`.
+"""
+
+from __future__ import annotations
+
+from mmlearn.encoders import conv, huggingface, mlp, sequence  # noqa: F401  (registration)
+from mmlearn.encoders.registry import (
+    ENCODERS,
+    Encoder,
+    build_encoder,
+    default_encoder_name,
+    register_encoder,
+)
+
+__all__ = ["ENCODERS", "Encoder", "build_encoder", "default_encoder_name", "register_encoder"]

@@ -1,0 +1,1 @@
+"""Evaluation: comparing strategies across seeds."""

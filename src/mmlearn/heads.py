@@ -1,0 +1,53 @@
+"""Classification heads and the product-of-experts rule shared by IntraOnly and I2M2."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmlearn.errors import MMLearnError
+
+
+def make_head(in_dim: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0):
+    """``Linear(in_dim, K)``, or ``Linear -> ReLU -> Dropout -> Linear`` when ``hidden`` is set.
+
+    A hidden layer after a concat fusion is what lets a joint model represent interactions across
+    modalities (a linear head on ``cat(f_1, f_2)`` is additive in the modalities).
+    """
+    if not hidden:
+        return nn.Linear(in_dim, num_classes)
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
+
+
+def product_of_experts(
+    logits: Mapping[str, Tensor], present: Mapping[str, Tensor | None] | None = None
+) -> Tensor:
+    """Normalised product of experts: ``log p(y|x) = lsm(sum_k lsm(z_k))``.
+
+    Each expert's log-posterior ``lsm(z_k)`` is summed and the sum renormalised, which equals
+    ``lsm(sum_k z_k)`` (I2M2, Madaan et al., NeurIPS 2024, eq. for the combined posterior).
+
+    Args:
+        logits: expert name -> logits ``[B, K]``.
+        present: expert name -> bool ``[B]`` (or ``None``); an absent expert's term is dropped for
+            that sample, and the result is still a normalised distribution. A sample with no expert
+            present gets the uniform distribution.
+
+    Returns:
+        log-probabilities ``[B, K]``.
+    """
+    total: Tensor | None = None
+    for name, z in logits.items():
+        term = F.log_softmax(z.float(), dim=-1)
+        mask = None if present is None else present.get(name)
+        if mask is not None:
+            term = term * mask.to(term.dtype).unsqueeze(-1)
+        total = term if total is None else total + term
+    if total is None:
+        raise MMLearnError("product_of_experts needs at least one expert")
+    return total - torch.logsumexp(total, dim=-1, keepdim=True)

@@ -1,0 +1,284 @@
+"""The shared LightningModule: encoders, heads, metrics, optimiser set-up, evaluation logic.
+
+A strategy is a thin subclass that says what its forward pass outputs (logits by expert name:
+``"fused"`` for the joint model, a modality name for a unimodal expert), which objectives it
+trains, and how it combines the outputs at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from mmlearn.batch import MultimodalBatch
+from mmlearn.encoders import Encoder, build_encoder
+from mmlearn.errors import MMLearnError
+from mmlearn.fusion import Fusion, build_fusion
+from mmlearn.heads import make_head
+from mmlearn.metrics import key, stage_metrics
+
+FUSED = "fused"
+
+
+class JointModel(nn.Module):
+    """Inter-modality model: per-modality encoders, a fusion and the fused head.
+
+    ``forward({m: [B, *shape_m]}) -> z_J [B, K]``.
+    """
+
+    def __init__(self, encoders: Mapping[str, Encoder], fusion: Fusion, head: nn.Module) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.fusion = fusion
+        self.head = head
+
+    def features(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-modality features ``{m: [B, d_m]}``."""
+        return {m: enc(inputs[m]) for m, enc in self.encoders.items()}
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        return self.head(self.fusion(self.features(inputs)))
+
+
+class UnimodalExpert(nn.Module):
+    """Intra-modality model of one modality: ``[B, *shape] -> z_m [B, K]``."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+class MultimodalModule(pl.LightningModule):
+    """Base of every strategy.
+
+    Args:
+        input_shapes: modality -> shape of one sample (no batch dim). Linked from the DataModule
+            by the CLI; its key order is the modality order.
+        num_classes: K. Linked from the DataModule by the CLI.
+        encoders: modality -> ``{"name": <encoder>, **options}``. A modality left out gets the
+            default for its input shape (MLP for vectors, CNN for images, GRU for sequences).
+        embed_dim: feature size every encoder outputs.
+        fusion: ``concat``, ``sum`` or ``lrtf`` (joint model only).
+        fusion_rank: rank of ``lrtf``.
+        head_hidden: hidden width of the fused head (``None``: linear). Unimodal heads are linear.
+        dropout: dropout in the fused head.
+        optimizer: optimiser factory, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``.
+        lr_scheduler: optional scheduler factory, stepped every epoch.
+    """
+
+    #: Whether the forward pass returns unimodal logits, measured as ``{stage}/acc/{modality}``.
+    has_experts: bool = False
+
+    def __init__(
+        self,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        num_classes: int | None = None,
+        encoders: Mapping[str, Mapping[str, Any]] | None = None,
+        embed_dim: int = 128,
+        fusion: str = "concat",
+        fusion_rank: int = 4,
+        head_hidden: int | None = 128,
+        dropout: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if not input_shapes:
+            raise MMLearnError(
+                f"{type(self).__name__}: input_shapes is empty; expected modality -> sample shape "
+                "(the CLI links it from the DataModule's `input_shapes`)"
+            )
+        if num_classes is None or int(num_classes) < 2:
+            raise MMLearnError(f"{type(self).__name__}: num_classes={num_classes!r}; expected >= 2")
+        self.input_shapes = {m: [int(s) for s in shape] for m, shape in input_shapes.items()}
+        self.modalities = list(self.input_shapes)
+        self.num_classes = int(num_classes)
+        self.encoder_specs = dict(encoders or {})
+        unknown = sorted(set(self.encoder_specs) - set(self.modalities))
+        if unknown:
+            raise MMLearnError(
+                f"model.encoders names modalities {unknown} that the data does not have; "
+                f"the data's modalities are {self.modalities}"
+            )
+        self.embed_dim = embed_dim
+        self.fusion_name, self.fusion_rank = fusion, fusion_rank
+        self.head_hidden, self.dropout = head_hidden, dropout
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.final_metrics, self.expert_metrics = stage_metrics(
+            self.num_classes, self.modalities, self.has_experts
+        )
+
+    # ---- builders shared by the strategies -------------------------------------------------
+    def build_encoder(self, modality: str) -> Encoder:
+        """A fresh encoder for ``modality`` from ``encoders`` or the shape default."""
+        return build_encoder(
+            self.encoder_specs.get(modality),
+            self.input_shapes[modality],
+            self.embed_dim,
+            where=f"model.encoders.{modality}",
+        )
+
+    def build_joint(self) -> JointModel:
+        """The inter-modality model over all modalities."""
+        encoders = {m: self.build_encoder(m) for m in self.modalities}
+        fusion = build_fusion(
+            self.fusion_name,
+            {m: e.out_dim for m, e in encoders.items()},
+            out_dim=self.embed_dim,
+            rank=self.fusion_rank,
+        )
+        head = make_head(fusion.out_dim, self.num_classes, self.head_hidden, self.dropout)
+        return JointModel(encoders, fusion, head)
+
+    def build_expert(self, modality: str) -> UnimodalExpert:
+        """The intra-modality model of ``modality`` (own encoder, linear head)."""
+        encoder = self.build_encoder(modality)
+        return UnimodalExpert(encoder, nn.Linear(encoder.out_dim, self.num_classes))
+
+    # ---- what a strategy defines -----------------------------------------------------------
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Logits ``[B, K]`` by expert name (``"fused"`` and/or modality names)."""
+        raise NotImplementedError
+
+    def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        """Scalar losses by objective name; training minimises their sum."""
+        raise NotImplementedError
+
+    def predict_log_proba(
+        self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """The strategy's inference rule: log-probabilities ``[B, K]``."""
+        raise NotImplementedError
+
+    # ---- checks ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        shapes = getattr(dm, "input_shapes", None)
+        if shapes is None:
+            return
+        data_mods, model_mods = list(shapes), self.modalities
+        if set(data_mods) != set(model_mods):
+            raise MMLearnError(
+                f"modality mismatch: the data ({type(dm).__name__}) has {sorted(data_mods)}, the "
+                f"model ({type(self).__name__}) was built for {sorted(model_mods)}; missing in the "
+                f"model: {sorted(set(data_mods) - set(model_mods))}, unknown to the data: "
+                f"{sorted(set(model_mods) - set(data_mods))}"
+            )
+        for m in model_mods:
+            if list(shapes[m]) != self.input_shapes[m]:
+                raise MMLearnError(
+                    f"input shape mismatch for modality {m!r}: the data gives {list(shapes[m])}, "
+                    f"the model expects {self.input_shapes[m]}"
+                )
+        k = getattr(dm, "num_classes", self.num_classes)
+        if k != self.num_classes:
+            raise MMLearnError(
+                f"the data has {k} classes, the model was built for {self.num_classes}"
+            )
+
+    def check_batch(self, batch: MultimodalBatch, stage: str) -> None:
+        """Raise a clear error when a batch does not match the model (cheap: keys and shapes)."""
+        got = set(batch.inputs)
+        if got != set(self.modalities):
+            raise MMLearnError(
+                f"{stage} batch has modalities {sorted(got)}, the model knows {self.modalities}"
+            )
+        for m, x in batch.inputs.items():
+            if not _shape_matches(self.input_shapes[m], x):
+                raise MMLearnError(
+                    f"{stage} batch: modality {m!r} has sample shape {list(x.shape[1:])}, "
+                    f"expected {self.input_shapes[m]}"
+                )
+
+    # ---- Lightning hooks -------------------------------------------------------------------
+    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> Tensor:
+        self.check_batch(batch, "train")
+        outputs = self(batch.inputs)
+        losses = self.objectives(outputs, batch.target)
+        loss = torch.stack(list(losses.values())).sum()
+        log = {"train/loss": loss}
+        if len(losses) > 1:
+            log |= {f"train/loss/{k}": v.detach() for k, v in losses.items()}
+        self.log_dict(log, on_step=True, on_epoch=True, batch_size=batch.size, prog_bar=False)
+        with torch.no_grad():
+            self._update_metrics("train", outputs, batch)
+        return loss
+
+    def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: MultimodalBatch, batch_idx: int) -> dict[str, Tensor]:
+        self.check_batch(batch, "predict")
+        outputs = self(impute_missing(batch))
+        log_probs = self.predict_log_proba(outputs, batch.present)
+        return {"log_probs": log_probs, "pred": log_probs.argmax(-1), "target": batch.target}
+
+    def _evaluate(self, batch: MultimodalBatch, stage: str) -> None:
+        self.check_batch(batch, stage)
+        outputs = self(impute_missing(batch))
+        log_probs = self._update_metrics(stage, outputs, batch)
+        loss = F.nll_loss(log_probs, batch.target)
+        self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=batch.size, sync_dist=True)
+
+    def _update_metrics(
+        self, stage: str, outputs: Mapping[str, Tensor], batch: MultimodalBatch
+    ) -> Tensor:
+        log_probs = self.predict_log_proba(outputs, batch.present)
+        final = self.final_metrics[key(stage)]
+        final.update(log_probs, batch.target)
+        self.log_dict(final, on_step=False, on_epoch=True, batch_size=batch.size, prog_bar=True)
+        if self.has_experts:
+            experts = self.expert_metrics[key(stage)]
+            for m in self.modalities:
+                experts[m].update(outputs[m], batch.target)
+            self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
+        return log_probs
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def impute_missing(batch: MultimodalBatch) -> dict[str, Tensor]:
+    """Inputs with absent modalities replaced by zeros.
+
+    DataModules standardise features on the training split, so zero is the training mean of a
+    standardised modality: the "impute the training mean" protocol of METHODS.md section 1.
+    """
+    if batch.present is None:
+        return batch.inputs
+    out = dict(batch.inputs)
+    for m, mask in batch.present.items():
+        x = out[m]
+        keep = mask.view(-1, *([1] * (x.dim() - 1)))
+        out[m] = torch.where(keep, x, torch.zeros_like(x))
+    return out
+
+
+def _shape_matches(expected: Sequence[int], x: Tensor) -> bool:
+    """Sample shape check; sequences ``[T, D]`` and token ids ``[L]`` may vary in length."""
+    got = list(x.shape[1:])
+    if len(got) != len(expected):
+        return False
+    if len(expected) == 2:
+        return got[-1] == expected[-1]
+    if not torch.is_floating_point(x) and len(expected) == 1:
+        return True
+    return got == list(expected)

@@ -1,0 +1,38 @@
+"""Inter-only: one joint fusion model (METHODS.md section 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmlearn.strategies.base import FUSED, MultimodalModule
+
+
+class InterOnly(MultimodalModule):
+    """Joint (inter-modality) model trained on ``CE(z_J, y)``; inference ``argmax z_J``.
+
+    ``z_J = h_J(F(phi_1(x_1), ..., phi_M(x_M)))``: the "inter-modality" baseline of I2M2
+    (Madaan et al., NeurIPS 2024, section 3) and the usual late/intermediate fusion model. A
+    missing modality is imputed with zeros, the training mean of standardised inputs.
+    One forward and one backward per step (the reference cost).
+
+    Args: see :class:`~mmlearn.strategies.base.MultimodalModule`.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.joint = self.build_joint()
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {FUSED: self.joint(inputs)}
+
+    def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        return {FUSED: F.cross_entropy(outputs[FUSED], target)}
+
+    def predict_log_proba(
+        self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        return F.log_softmax(outputs[FUSED].float(), dim=-1)
