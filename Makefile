@@ -26,8 +26,10 @@ $(DATA)/mfeat/mfeat-pix: | $(STAMP)
 
 data: $(DATA)/mfeat/mfeat-pix  ## fetch and unpack the UCI Multiple Features data into ./data
 
-demo: install data  ## fit and test inter-only, intra-only and I2M2 on mfeat; print the table
-	$(PY) -m mmlearn compare --data-config data_modules/mfeat.yaml --out runs/demo
+demo: install data  ## fit and test inter-only, intra-only and I2M2 on mfeat (3 seeds); print the table
+	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m mmlearn compare \
+		experiments/mfeat/inter_only.yaml experiments/mfeat/intra_only.yaml experiments/mfeat/i2m2.yaml \
+		--seeds 0 1 2 --out runs/demo
 
 test: install data  ## run the test suite
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import mmlearn.data  # noqa: F401  (makes the DataModules resolvable by short name)
 import mmlearn.strategies  # noqa: F401  (makes the strategies resolvable by short name)
+from mmlearn.callbacks import PredictionWriter
 from mmlearn.data.base import MultimodalDataModule
 from mmlearn.errors import MMLearnError, user_error
 from mmlearn.strategies.base import MultimodalModule
@@ -32,8 +33,10 @@ experiments/mfeat/i2m2.yaml`). Project commands: `mmlearn prepare mfeat --root d
 
 TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
+    # where checkpoints go when no logger names a run folder (e.g. fast_dev_run)
+    "default_root_dir": "runs",
     "logger": {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "class_path": "mmlearn.loggers.CSVLogger",
         "init_args": {"save_dir": "runs"},
     },
 }
@@ -46,6 +49,7 @@ class MMLearnCLI(LightningCLI):
         for key in ("input_shapes", "num_classes"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -94,9 +98,9 @@ def _project_commands() -> dict[str, Callable[[Sequence[str]], int]]:
 
 def _subclasses(base: type) -> dict[str, type]:
     found: dict[str, type] = {}
-    for cls in base.__subclasses__():
-        found[cls.__name__] = cls
-        found |= _subclasses(cls)
+    for sub in base.__subclasses__():
+        found[sub.__name__] = sub
+        found |= _subclasses(sub)
     return found
 
 
@@ -113,7 +117,7 @@ def _check_choice(value: object, base: type, what: str, origin: str) -> None:
     if "." in value:
         try:
             module, attr = value.rsplit(".", 1)
-            cls = getattr(importlib.import_module(module), attr)
+            cls: object = getattr(importlib.import_module(module), attr)
             if isinstance(cls, type) and issubclass(cls, base):
                 return
         except (ImportError, AttributeError):

@@ -20,7 +20,9 @@ class Fusion(nn.Module):
 
     out_dim: int
 
-    def __init__(self, in_dims: Mapping[str, int]) -> None:
+    def __init__(
+        self, in_dims: Mapping[str, int], out_dim: int | None = None, rank: int = 4
+    ) -> None:
         super().__init__()
         self.modalities = list(in_dims)
 
@@ -29,7 +31,7 @@ class ConcatFusion(Fusion):
     """``cat([f_1, ..., f_M], dim=1)``: ``out_dim = sum_m d_m``."""
 
     def __init__(self, in_dims: Mapping[str, int], out_dim: int | None = None, rank: int = 4):
-        super().__init__(in_dims)
+        super().__init__(in_dims, out_dim, rank)
         self.out_dim = sum(in_dims.values())
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
@@ -40,7 +42,7 @@ class SumFusion(Fusion):
     """``sum_m f_m``; all modalities must have the same feature size."""
 
     def __init__(self, in_dims: Mapping[str, int], out_dim: int | None = None, rank: int = 4):
-        super().__init__(in_dims)
+        super().__init__(in_dims, out_dim, rank)
         dims = set(in_dims.values())
         if len(dims) != 1:
             raise MMLearnError(f"fusion 'sum' needs equal feature sizes, got {dict(in_dims)}")
@@ -59,7 +61,7 @@ class LowRankTensorFusion(Fusion):
     """
 
     def __init__(self, in_dims: Mapping[str, int], out_dim: int | None = None, rank: int = 4):
-        super().__init__(in_dims)
+        super().__init__(in_dims, out_dim, rank)
         self.out_dim = out_dim or max(in_dims.values())
         self.factors = nn.ParameterDict(
             {

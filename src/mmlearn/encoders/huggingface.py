@@ -77,6 +77,10 @@ class HFEncoder(Encoder):
             if model_type is None:
                 raise MMLearnError("hf encoder: `config` needs a `model_type` (e.g. 'bert')")
             self.model = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
+        if getattr(self.model, "pooler", None) is not None:
+            # we pool ourselves; an unused pooler would leave parameters without gradients,
+            # which breaks DDP (unused parameters) and wastes memory
+            self.model.pooler = None
         if freeze:
             self.model.requires_grad_(False)
         self.pad_id = int(self.model.config.pad_token_id or 0)

@@ -8,13 +8,14 @@ trains, and how it combines the outputs at inference.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from mmlearn.batch import MultimodalBatch
 from mmlearn.encoders import Encoder, build_encoder
@@ -168,15 +169,8 @@ class MultimodalModule(pl.LightningModule):
         shapes = getattr(dm, "input_shapes", None)
         if shapes is None:
             return
-        data_mods, model_mods = list(shapes), self.modalities
-        if set(data_mods) != set(model_mods):
-            raise MMLearnError(
-                f"modality mismatch: the data ({type(dm).__name__}) has {sorted(data_mods)}, the "
-                f"model ({type(self).__name__}) was built for {sorted(model_mods)}; missing in the "
-                f"model: {sorted(set(data_mods) - set(model_mods))}, unknown to the data: "
-                f"{sorted(set(model_mods) - set(data_mods))}"
-            )
-        for m in model_mods:
+        check_modalities(list(shapes), self.modalities, f"the data ({type(dm).__name__})")
+        for m in self.modalities:
             if list(shapes[m]) != self.input_shapes[m]:
                 raise MMLearnError(
                     f"input shape mismatch for modality {m!r}: the data gives {list(shapes[m])}, "
@@ -187,6 +181,12 @@ class MultimodalModule(pl.LightningModule):
             raise MMLearnError(
                 f"the data has {k} classes, the model was built for {self.num_classes}"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint trained on other modalities, before its weights are loaded."""
+        shapes = checkpoint.get("hyper_parameters", {}).get("input_shapes")
+        if shapes is not None:
+            check_modalities(self.modalities, list(shapes), "the data", "the checkpoint's model")
 
     def check_batch(self, batch: MultimodalBatch, stage: str) -> None:
         """Raise a clear error when a batch does not match the model (cheap: keys and shapes)."""
@@ -239,11 +239,11 @@ class MultimodalModule(pl.LightningModule):
         self, stage: str, outputs: Mapping[str, Tensor], batch: MultimodalBatch
     ) -> Tensor:
         log_probs = self.predict_log_proba(outputs, batch.present)
-        final = self.final_metrics[key(stage)]
+        final = cast(MetricCollection, self.final_metrics[key(stage)])
         final.update(log_probs, batch.target)
         self.log_dict(final, on_step=False, on_epoch=True, batch_size=batch.size, prog_bar=True)
         if self.has_experts:
-            experts = self.expert_metrics[key(stage)]
+            experts = cast(MetricCollection, self.expert_metrics[key(stage)])
             for m in self.modalities:
                 experts[m].update(outputs[m], batch.target)
             self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
@@ -254,6 +254,19 @@ class MultimodalModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def check_modalities(
+    data_mods: Sequence[str], model_mods: Sequence[str], data: str, model: str = "the model"
+) -> None:
+    """Raise when the data's and the model's modality sets differ, naming both."""
+    if set(data_mods) != set(model_mods):
+        raise MMLearnError(
+            f"modality mismatch: {data} has {sorted(data_mods)}, {model} was built for "
+            f"{sorted(model_mods)}; missing in the model: "
+            f"{sorted(set(data_mods) - set(model_mods))}, unknown to the data: "
+            f"{sorted(set(model_mods) - set(data_mods))}"
+        )
 
 
 def impute_missing(batch: MultimodalBatch) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,7 @@ class I2M2(MultimodalModule):
     def load_expert(self, key: str, path: str | Path) -> None:
         """Load ``"joint"`` or one modality's expert from a checkpoint of another run."""
         if key == "joint":
-            prefix, module = "joint.", self.joint
+            prefix, module = "joint.", cast(nn.Module, self.joint)
         elif key in self.experts:
             prefix, module = f"experts.{key}.", self.experts[key]
         else:

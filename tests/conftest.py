@@ -1,0 +1,52 @@
+"""Shared fixtures: the real mfeat data, a CLI runner that keeps every run under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mfeat_root() -> Path:
+    """The prepared UCI Multiple Features folder (``make test`` prepares it first)."""
+    root = Path(os.environ.get("MMLEARN_DATA", REPO / "data"))
+    if not (root / "mfeat" / "mfeat-fou").is_file():
+        msg = f"mfeat is not prepared under {root}: run `make data` (mmlearn prepare mfeat)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path):
+    """``run_cli(*args)`` runs ``mmlearn <args>`` in-process with runs saved under tmp_path."""
+    from mmlearn.cli import build_cli
+
+    def run(*args: str, save_dir: Path | None = None, extra: Sequence[str] = ()):
+        out = save_dir or tmp_path / "runs"
+        full = [
+            *args,
+            f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.default_root_dir={out}",
+            *QUIET,
+            *extra,
+        ]
+        return build_cli(full)
+
+    return run

