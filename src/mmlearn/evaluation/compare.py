@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import statistics
 import time
@@ -91,6 +92,9 @@ def compare_main(argv: Sequence[str]) -> int:
         help="extra CLI override for every run, e.g. --set trainer.max_epochs=5",
     )
     args = parser.parse_args(list(argv))
+    # one table is the output; Lightning's per-run banners would bury it
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for config in args.configs:
         if not Path(config).is_file():
             parser.error(f"config {config!r} does not exist")
