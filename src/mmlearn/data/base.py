@@ -119,7 +119,9 @@ class MultimodalDataModule(pl.LightningDataModule):
         src = self.source or type(self).__name__
         missing = [s for s in SPLITS if s not in splits]
         if missing:
-            raise MMLearnError(f"{src}: splits {missing} were not produced; expected {list(SPLITS)}")
+            raise MMLearnError(
+                f"{src}: splits {missing} were not produced; expected {list(SPLITS)}"
+            )
         modalities = list(splits["train"].inputs)
         if not modalities:
             raise MMLearnError(f"{src}: the data has no modalities")
@@ -131,14 +133,18 @@ class MultimodalDataModule(pl.LightningDataModule):
             split = splits[name]
             n = int(split.target.shape[0])
             if n == 0:
-                raise MMLearnError(f"{src}: the {name!r} split is empty; expected at least 1 sample")
+                raise MMLearnError(
+                    f"{src}: the {name!r} split is empty; expected at least 1 sample"
+                )
             if list(split.inputs) != modalities:
                 raise MMLearnError(
                     f"{src}: split {name!r} has modalities {list(split.inputs)}, "
                     f"train has {modalities}"
                 )
             if split.target.dtype != torch.int64:
-                raise MMLearnError(f"{src}: {name} labels have dtype {split.target.dtype}; need int64")
+                raise MMLearnError(
+                    f"{src}: {name} labels have dtype {split.target.dtype}; need int64"
+                )
             bad = ((split.target < 0) | (split.target >= k)).nonzero()
             if len(bad):
                 i = int(bad[0])

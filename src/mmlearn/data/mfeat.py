@@ -93,7 +93,9 @@ class MultipleFeatures(MultimodalDataModule):
             raise MMLearnError(f"MultipleFeatures: cannot parse {path}: {e}") from e
         expected = (N_PER_CLASS * N_CLASSES, VIEWS[view])
         if arr.shape != expected:
-            raise MMLearnError(f"MultipleFeatures: {path} has shape {arr.shape}, expected {expected}")
+            raise MMLearnError(
+                f"MultipleFeatures: {path} has shape {arr.shape}, expected {expected}"
+            )
         return torch.from_numpy(arr).float()
 
     def load_splits(self) -> dict[str, Split]:

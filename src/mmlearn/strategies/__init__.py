@@ -1,23 +1,36 @@
 """Training strategies, one LightningModule each, chosen on the CLI with ``--model <Name>``.
 
-``InterOnly`` (joint fusion model), ``IntraOnly`` (unimodal experts), ``I2M2`` (their product).
+``InterOnly`` (joint fusion model), ``IntraOnly`` (unimodal experts), ``I2M2`` (their product),
+``MIMO`` and ``BOGC`` (gradient-level balancing of fused and unimodal objectives), and
+``MultiObjective`` (any rule from :mod:`mmlearn.gradients`, e.g. the ``MGDA`` baseline).
 """
 
 from __future__ import annotations
 
 from mmlearn.strategies.base import FUSED, JointModel, MultimodalModule, UnimodalExpert
+from mmlearn.strategies.bogc import BOGC
 from mmlearn.strategies.i2m2 import I2M2
 from mmlearn.strategies.inter_only import InterOnly
 from mmlearn.strategies.intra_only import IntraOnly
+from mmlearn.strategies.late_fusion import LateFusionHeads
+from mmlearn.strategies.mimo import MIMO
+from mmlearn.strategies.multi_objective import MultiObjective
 
 STRATEGIES: dict[str, type[MultimodalModule]] = {
     "InterOnly": InterOnly,
     "IntraOnly": IntraOnly,
     "I2M2": I2M2,
+    "MIMO": MIMO,
+    "BOGC": BOGC,
+    "MultiObjective": MultiObjective,
 }
 
 __all__ = [
+    "BOGC",
     "FUSED",
+    "LateFusionHeads",
+    "MIMO",
+    "MultiObjective",
     "I2M2",
     "STRATEGIES",
     "InterOnly",

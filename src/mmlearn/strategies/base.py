@@ -94,7 +94,7 @@ class MultimodalModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rule"])
         if not input_shapes:
             raise MMLearnError(
                 f"{type(self).__name__}: input_shapes is empty; expected modality -> sample shape "
@@ -163,6 +163,10 @@ class MultimodalModule(pl.LightningModule):
         """The strategy's inference rule: log-probabilities ``[B, K]``."""
         raise NotImplementedError
 
+    def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """What automatic optimisation back-propagates: the sum of the objectives by default."""
+        return torch.stack(list(losses.values())).sum()
+
     # ---- checks ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -203,11 +207,11 @@ class MultimodalModule(pl.LightningModule):
                 )
 
     # ---- Lightning hooks -------------------------------------------------------------------
-    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> Tensor | None:
         self.check_batch(batch, "train")
         outputs = self(batch.inputs)
         losses = self.objectives(outputs, batch.target)
-        loss = torch.stack(list(losses.values())).sum()
+        loss = self.total_loss(losses)
         log = {"train/loss": loss}
         if len(losses) > 1:
             log |= {f"train/loss/{k}": v.detach() for k, v in losses.items()}

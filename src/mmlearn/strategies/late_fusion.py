@@ -1,0 +1,69 @@
+"""Late fusion with unimodal heads: the model MIMO, BOGC and the gradient baselines share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmlearn.strategies._jacobian import ParamGroup, validate_groups
+from mmlearn.strategies.base import FUSED, MultimodalModule
+
+
+class LateFusionHeads(MultimodalModule):
+    """Joint model (encoders, fusion, fused head) plus a linear head on each encoder.
+
+    Objectives: ``L_0 = CE(z_J, y)`` (key ``"fused"``) and ``L_m = CE(h_m(phi_m(x_m)), y)`` (key
+    ``m``). The encoders are shared: encoder m is reached by ``fused`` and ``m``, the fusion and
+    fused head by ``fused`` only, head m by ``m`` only (:meth:`parameter_groups`). Inference is the
+    fused head; the unimodal heads give per-modality predictions for free.
+
+    Args: see :class:`~mmlearn.strategies.base.MultimodalModule`.
+    """
+
+    has_experts = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.joint = self.build_joint()
+        self.heads = nn.ModuleDict(
+            {m: nn.Linear(self.embed_dim, self.num_classes) for m in self.modalities}
+        )
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        feats = self.joint.features(inputs)
+        out = {FUSED: self.joint.head(self.joint.fusion(feats))}
+        return out | {m: head(feats[m]) for m, head in self.heads.items()}
+
+    def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        return {k: F.cross_entropy(z, target) for k, z in outputs.items()}
+
+    def predict_log_proba(
+        self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        return F.log_softmax(outputs[FUSED].float(), dim=-1)
+
+    def parameter_groups(self) -> list[ParamGroup]:
+        """Which objectives reach which parameters (validated: each parameter in one group)."""
+        groups = [
+            ParamGroup(f"encoder.{m}", list(self.joint.encoders[m].parameters()), [FUSED, m])
+            for m in self.modalities
+        ]
+        fused = [*self.joint.fusion.parameters(), *self.joint.head.parameters()]
+        groups.append(ParamGroup("fused_head", fused, [FUSED]))
+        groups += [
+            ParamGroup(f"head.{m}", list(h.parameters()), [m]) for m, h in self.heads.items()
+        ]
+        validate_groups(groups, self, [FUSED, *self.modalities])
+        return groups
+
+    def log_encoder_cosines(self, rows: Mapping[str, Tensor], batch_size: int) -> None:
+        """``train/cos/{m}``: cosine between the fused and the unimodal gradient on encoder m."""
+        cos = {
+            f"train/cos/{m}": F.cosine_similarity(r[0], r[1], dim=0)
+            for m in self.modalities
+            if (r := rows.get(f"encoder.{m}")) is not None
+        }
+        self.log_dict(cos, on_step=True, on_epoch=True, batch_size=batch_size)

@@ -1,0 +1,110 @@
+"""Combining rules, tested by their mathematical properties (METHODS.md sections 5 and 6)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mmlearn.gradients import MGDA, BOGCCalibration, Sum, calibrate, ds_combine, fused_opinion
+from mmlearn.gradients.bogc import evidence
+
+
+def rows(n: int, p: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_sum() -> None:
+    g = rows(3)
+    assert torch.allclose(Sum()(g), g.sum(0))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_mgda_min_norm_properties(n: int, seed: int) -> None:
+    g = rows(n, seed=seed)
+    d, w = MGDA().combine(g)
+    # in the convex hull of the rows
+    assert (w >= -1e-9).all() and abs(float(w.sum()) - 1) < 1e-9
+    assert torch.allclose(d, w @ g)
+    # a common descent direction: no row has a negative inner product with it
+    assert ((g @ d) >= -1e-6 * d.norm() ** 2).all()
+    # minimal norm: no random point of the hull is shorter
+    for _ in range(200):
+        v = torch.rand(n, dtype=torch.float64)
+        v /= v.sum()
+        assert float((v @ g).norm()) >= float(d.norm()) - 1e-6
+    # permutation invariant
+    for perm in itertools.islice(itertools.permutations(range(n)), 6):
+        assert torch.allclose(MGDA()(g[list(perm)]), d, atol=1e-6)
+
+
+def test_mgda_two_objectives_closed_form_and_edge_cases() -> None:
+    g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    d, w = MGDA().combine(torch.stack([g1, g2]))
+    # min over a: |a g1 + (1-a) g2|^2 = a^2 + 4(1-a)^2 -> a = 0.8
+    assert torch.allclose(w, torch.tensor([0.8, 0.2])) and torch.allclose(
+        d, torch.tensor([0.8, 0.4])
+    )
+    same = torch.stack([g1, g1])
+    assert torch.allclose(MGDA()(same), g1)
+    opposed = torch.stack([g1, -g1])
+    assert torch.allclose(MGDA()(opposed), torch.zeros(2), atol=1e-7)
+    assert torch.allclose(MGDA(scale=2.0)(torch.stack([g1, g2])), 2 * d)
+
+
+def test_bogc_equal_variances_give_the_plain_sum() -> None:
+    g = rows(3)
+    for var in (torch.full_like(g, 0.3), torch.zeros_like(g), torch.full_like(g, 1e6)):
+        out, w = calibrate(g, var)
+        assert torch.allclose(w, torch.full_like(g, 1 / 3))
+        assert torch.allclose(out, g.sum(0))
+
+
+def test_bogc_lower_variance_gets_more_weight_per_dimension() -> None:
+    g = rows(2, p=4)
+    var = torch.tensor([[0.1, 1.0, 1.0, 5.0], [1.0, 0.1, 1.0, 0.5]], dtype=torch.float64)
+    _, w = calibrate(g, var)
+    assert w[0, 0] > w[1, 0] and w[1, 1] > w[0, 1] and w[1, 3] > w[0, 3]
+    assert torch.allclose(w[:, 2], torch.full((2,), 0.5, dtype=torch.float64))
+    assert (w > 0).all() and torch.allclose(w.sum(0), torch.ones(4, dtype=torch.float64))
+
+
+def test_bogc_closed_form_equals_pairwise_ds_fusion() -> None:
+    n, p = 4, 6
+    e = evidence(torch.rand(n, p, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    b_closed, u_closed = fused_opinion(e)
+    # simple-support opinion of objective k: belief e_k/(e_k+1) on singleton k, the rest uncertain
+    beliefs = [torch.zeros(n, p, dtype=torch.float64) for _ in range(n)]
+    for k in range(n):
+        beliefs[k][k] = e[k] / (e[k] + 1)
+    b, u = beliefs[0], 1 / (e[0] + 1)
+    for k in range(1, n):
+        b, u = ds_combine(b, u, beliefs[k], 1 / (e[k] + 1))
+    assert torch.allclose(b, b_closed) and torch.allclose(u, u_closed)
+    assert torch.allclose(b.sum(0) + u, torch.ones(p, dtype=torch.float64))
+
+
+def test_bogc_is_finite_for_zero_variance_and_zero_gradients() -> None:
+    zeros = torch.zeros(2, 5)
+    out, w = calibrate(zeros, zeros)
+    assert torch.isfinite(out).all() and torch.isfinite(w).all() and out.abs().max() == 0
+    g = rows(2, p=5).float()
+    var = torch.tensor([[0.0] * 5, [1.0] * 5])
+    out, w = calibrate(g, var)
+    assert torch.isfinite(out).all() and (w[0] > w[1]).all()
+
+
+def test_bogc_ema_estimator() -> None:
+    rule = BOGCCalibration(beta=0.5)
+    g1 = rows(2, seed=1)
+    # first step: zero variance everywhere -> the plain sum
+    assert torch.allclose(rule(g1, "enc"), g1.sum(0))
+    noisy = torch.stack([g1[0], -g1[1]])  # objective 1 flips sign: high variance
+    out, w = rule.combine(noisy, "enc")
+    assert (w[0] >= w[1]).all() and (w[0] > w[1]).any()
+    # state is kept per group; a new group starts fresh
+    assert torch.allclose(rule(noisy, "other"), noisy.sum(0))
+    # a single objective passes through
+    assert torch.allclose(rule(g1[:1], "head"), g1[0])
