@@ -29,10 +29,10 @@ $(DATA)/mfeat/mfeat-pix: | $(STAMP)
 
 data: $(DATA)/mfeat/mfeat-pix  ## fetch and unpack the UCI Multiple Features data into ./data
 
-demo: install data  ## fit and test inter-only, intra-only and I2M2 on mfeat (3 seeds); print the table
+DEMO := inter_only intra_only i2m2 mimo bogc mgda
+demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print the table
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m mmlearn compare \
-		experiments/mfeat/inter_only.yaml experiments/mfeat/intra_only.yaml experiments/mfeat/i2m2.yaml \
-		--seeds 0 1 2 --out runs/demo
+		$(foreach s,$(DEMO),experiments/mfeat/$(s).yaml) --seeds 0 1 2 --out runs/demo
 
 test: install data  ## run the test suite (PYTEST_ARGS=... to select)
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -88,7 +88,7 @@ def test_same_seed_twice_gives_identical_metrics_and_weights(run_cli) -> None:
         assert float(a.trainer.callback_metrics[key]) == float(b.trainer.callback_metrics[key])
 
 
-@pytest.mark.parametrize("model", ["InterOnly", "I2M2"])
+@pytest.mark.parametrize("model", ["InterOnly", "I2M2", "MIMO", "BOGC"])
 def test_resume_from_last_ckpt_equals_uninterrupted(run_cli, tmp_path: Path, model: str) -> None:
     full = _fit(run_cli, model, epochs=4, save_dir=tmp_path / "full")
     half = _fit(run_cli, model, epochs=2, save_dir=tmp_path / "half")

@@ -13,11 +13,55 @@ from torch import Tensor
 from mmlearn.gradients.base import Rule
 
 
-def min_norm_weights(gram: Tensor, iters: int = 50, tol: float = 1e-8) -> Tensor:
-    """Simplex weights ``w [n]`` minimising ``w^T gram w``.
+def _frank_wolfe(gram: Tensor, w: Tensor, iters: int, tol: float) -> Tensor:
+    """Frank-Wolfe with exact line search on ``w^T gram w`` over the simplex, from ``w``."""
+    for _ in range(iters):
+        t = int((gram @ w).argmin())
+        d = -w.clone()
+        d[t] += 1
+        dgd = d @ gram @ d
+        if dgd <= tol:
+            break
+        step = float((-(d @ gram @ w) / dgd).clamp(0, 1))
+        if step * float(d.abs().max()) < tol:
+            break
+        w = w + step * d
+    return w
 
-    Two objectives: the closed form ``w_1 = clip((g2 - g1).g2 / |g1 - g2|^2, 0, 1)``. More:
-    Frank-Wolfe with exact line search, started from the uniform weights.
+
+def _exact_small(gram: Tensor) -> Tensor:
+    """Exact minimiser for a few objectives: the best face minimiser over all supports.
+
+    On support S the minimiser of ``w^T G w`` with ``sum w = 1`` is ``G_S^+ 1 / (1^T G_S^+ 1)``;
+    the global minimum is attained at the feasible (non-negative) one of smallest value.
+    """
+    n = gram.shape[0]
+    best, best_val = None, float("inf")
+    for mask in range(1, 2**n):
+        idx = [i for i in range(n) if mask >> i & 1]
+        sub = torch.linalg.pinv(gram[idx][:, idx])
+        v = sub.sum(1)
+        total = float(v.sum())
+        if total <= 1e-15:
+            continue
+        w_s = v / total
+        if float(w_s.min()) < -1e-12:
+            continue
+        w = torch.zeros(n, dtype=gram.dtype, device=gram.device)
+        w[idx] = w_s.clamp_min(0) / w_s.clamp_min(0).sum()
+        val = float(w @ gram @ w)
+        if val < best_val:
+            best, best_val = w, val
+    assert best is not None  # every vertex (|S| = 1 with G_ii > 0) is feasible
+    return best
+
+
+def min_norm_weights(gram: Tensor, iters: int = 1000, tol: float = 1e-12) -> Tensor:
+    """Simplex weights ``w [n]`` minimising ``w^T gram w`` (``gram = G G^T`` of the rows).
+
+    Two objectives: the closed form ``w_1 = clip((g2 - g1).g2 / |g1 - g2|^2, 0, 1)``
+    (Sener and Koltun, Algorithm 1). Up to 8: exact, by the face minimisers of every support,
+    polished by Frank-Wolfe. More: Frank-Wolfe (their Algorithm 2) from the uniform weights.
     """
     n = gram.shape[0]
     if n == 1:
@@ -29,21 +73,9 @@ def min_norm_weights(gram: Tensor, iters: int = 50, tol: float = 1e-8) -> Tensor
         else:
             w1 = ((gram[1, 1] - gram[0, 1]) / denom).clamp(0, 1)
         return torch.stack([w1, 1 - w1])
-    w = torch.full((n,), 1.0 / n, dtype=gram.dtype, device=gram.device)
-    for _ in range(iters):
-        grad = gram @ w
-        t = int(grad.argmin())
-        # line search between w and the vertex e_t on the quadratic w^T G w
-        d = -w.clone()
-        d[t] += 1
-        dgd = d @ gram @ d
-        if dgd <= tol:
-            break
-        step = float((-(d @ gram @ w) / dgd).clamp(0, 1))
-        if step * float(d.abs().max()) < tol:
-            break
-        w = w + step * d
-    return w
+    if n <= 8 and float(gram.diagonal().min()) > 0:
+        return _frank_wolfe(gram, _exact_small(gram), 20, tol)
+    return _frank_wolfe(gram, torch.full((n,), 1.0 / n, dtype=gram.dtype), iters, tol)
 
 
 class MGDA(Rule):

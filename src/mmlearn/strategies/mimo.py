@@ -65,7 +65,8 @@ class MIMO(LateFusionHeads):
         uni = torch.stack([losses[m] for m in self.modalities])
         # same gradient as F (pi is the derivative of mu*logsumexp(L/mu)), cheaper to form
         surrogate = losses[FUSED] + gamma * (pi.to(uni.dtype) * uni).sum()
-        log = {f"train/pi/{m}": pi[i] for i, m in enumerate(self.modalities)}
-        # per-step scalars: batch_size=1 makes their epoch value the plain mean over steps
-        self.log_dict(log | {"train/gamma": gamma}, on_step=True, on_epoch=True, batch_size=1)
+        if self._trainer is not None:
+            log = {f"train/pi/{m}": pi[i] for i, m in enumerate(self.modalities)}
+            # per-step scalars: batch_size=1 makes their epoch value the plain mean over steps
+            self.log_dict(log | {"train/gamma": gamma}, on_step=True, on_epoch=True, batch_size=1)
         return surrogate

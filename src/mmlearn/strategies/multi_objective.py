@@ -15,6 +15,18 @@ from mmlearn.strategies import _jacobian as jac
 from mmlearn.strategies.late_fusion import LateFusionHeads
 
 
+def refuse_float16(precision: str, strategy: str) -> None:
+    """Gradient rows need no loss scaling only in float32/bfloat16; refuse float16 clearly.
+
+    (On CPU Lightning itself turns '16-mixed' into 'bf16-mixed', so this fires on GPUs.)
+    """
+    if precision.startswith("16"):
+        raise MMLearnError(
+            f"{strategy}: trainer.precision={precision!r} is not supported: float16 would need a "
+            "loss scaler per objective row; use '32-true' or 'bf16-mixed'"
+        )
+
+
 class MultiObjective(LateFusionHeads):
     """Late fusion with unimodal heads, its objectives' gradients combined by ``rule``.
 
@@ -51,12 +63,8 @@ class MultiObjective(LateFusionHeads):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        precision = str(getattr(self.trainer, "precision", "32-true"))
-        if not self.automatic_optimization and precision in ("16-mixed", "16"):
-            raise MMLearnError(
-                f"{type(self).__name__}: trainer.precision={precision!r} is not supported: "
-                "float16 needs a loss scaler per objective row; use '32-true' or 'bf16-mixed'"
-            )
+        if not self.automatic_optimization:
+            refuse_float16(str(self.trainer.precision), type(self).__name__)
 
     def gradient_statistics(
         self, batch: MultimodalBatch

@@ -1,0 +1,167 @@
+"""MIMO, BOGC and MultiObjective: the Jacobian path, MIMO's gradient, precision, groups."""
+
+from __future__ import annotations
+
+import functools
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmlearn.batch import collate_multimodal
+from mmlearn.data import SyntheticMultimodal
+from mmlearn.data.base import SplitDataset
+from mmlearn.errors import MMLearnError
+from mmlearn.gradients import Sum
+from mmlearn.strategies import BOGC, FUSED, MIMO, MultiObjective
+from mmlearn.strategies import _jacobian as jac
+from mmlearn.strategies.multi_objective import refuse_float16
+
+DATA = {
+    "num_modalities": 3,
+    "dim": [6, 5, 4],
+    "num_classes": 3,
+    "n_train": 128,
+    "n_val": 32,
+    "n_test": 32,
+    "batch_size": 32,
+    "intra": [1.0, 0.5, 0.2],
+    "inter": 1.0,
+}
+
+
+def make(cls, **kw):
+    torch.manual_seed(0)
+    data = SyntheticMultimodal(**DATA)
+    kw.setdefault("optimizer", functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9))
+    model = cls(input_shapes=data.input_shapes, num_classes=3, embed_dim=8, head_hidden=16, **kw)
+    return model, data
+
+
+def fit(model, data, **trainer_kw) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=trainer_kw.pop("max_steps", 5),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **trainer_kw,
+    )
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def batch(data, n: int = 32):
+    return collate_multimodal([SplitDataset(data.splits["train"])[i] for i in range(n)])
+
+
+def test_sum_through_the_jacobian_path_equals_automatic_optimisation() -> None:
+    auto, data = make(MultiObjective, fusion="lrtf")
+    manual, _ = make(MultiObjective, fusion="lrtf", rule=Sum())
+    assert auto.automatic_optimization and not manual.automatic_optimization
+    start = {k: v.clone() for k, v in auto.state_dict().items()}
+    assert all(torch.equal(start[k], v) for k, v in manual.state_dict().items())
+    fit(auto, data)
+    fit(manual, data)
+    for k, v in auto.state_dict().items():
+        assert torch.allclose(v, manual.state_dict()[k], atol=1e-6), k
+    assert any(not torch.allclose(v, start[k]) for k, v in auto.state_dict().items())
+
+
+def test_parameter_groups_cover_every_parameter_once() -> None:
+    model, _ = make(BOGC, fusion="lrtf")
+    groups = {g.name: g for g in model.groups}
+    assert set(groups) == {
+        "encoder.m0",
+        "encoder.m1",
+        "encoder.m2",
+        "fused_head",
+        "head.m0",
+        "head.m1",
+        "head.m2",
+    }
+    assert groups["encoder.m1"].objectives == [FUSED, "m1"]
+    assert groups["fused_head"].objectives == [FUSED] and groups["head.m2"].objectives == ["m2"]
+    assert sum(g.numel for g in model.groups) == sum(p.numel() for p in model.parameters())
+    broken = model.groups[:-1]
+    with pytest.raises(MMLearnError, match=r"trainable parameters in no group: \['heads.m2"):
+        jac.validate_groups(broken, model, [FUSED, "m0", "m1", "m2"])
+
+
+def test_mimo_gradient_is_that_of_the_penalised_objective() -> None:
+    model, data = make(MIMO, mu=0.3, gamma=2.0)
+    b = batch(data)
+    losses = model.objectives(model(b.inputs), b.target)
+    surrogate = model.total_loss(losses)
+    uni = torch.stack([losses[m] for m in model.modalities])
+    penalised = losses[FUSED] + 2.0 * 0.3 * torch.logsumexp(uni / 0.3, 0)
+    params = list(model.parameters())
+    g1 = torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True)
+    g2 = torch.autograd.grad(penalised, params, allow_unused=True)
+    for a, c in zip(g1, g2, strict=True):
+        if a is not None or c is not None:
+            assert torch.allclose(a, c, atol=1e-6)
+    pi = model.modality_weights(losses)
+    assert torch.allclose(pi, torch.softmax(uni.detach() / 0.3, 0))
+    assert int(pi.argmax()) == int(uni.argmax())  # the worst modality gets the most weight
+    assert model.gamma_at(0) == 2.0
+    grow = MIMO(input_shapes={"a": [2]}, num_classes=2, gamma=1.0, gamma_power=0.5, gamma_max=3.0)
+    assert grow.gamma_at(3) == pytest.approx(2.0) and grow.gamma_at(100) == 3.0
+
+
+def test_bogc_microbatch_mean_is_the_full_batch_gradient() -> None:
+    model, data = make(BOGC, variance="microbatch", n_chunks=4)
+    b = batch(data)
+    _, _, mean, var = model.gradient_statistics(b)
+    full = jac.objective_rows(model.objectives(model(b.inputs), b.target), model.groups)
+    for g in full:
+        assert torch.allclose(mean[g], full[g], atol=1e-6), g
+        assert var is not None and (var[g] >= 0).all()
+    assert float(var["encoder.m0"].sum()) > 0
+
+
+def test_precision_16_is_refused_and_bf16_trains() -> None:
+    for bad in ("16-mixed", "16-true"):
+        with pytest.raises(
+            MMLearnError, match=rf"BOGC: trainer.precision='{bad}' is not supported"
+        ):
+            refuse_float16(bad, "BOGC")
+    for ok in ("32-true", "bf16-mixed", "bf16-true"):
+        refuse_float16(ok, "BOGC")
+    model, data = make(BOGC, clip_grad_norm=1.0)
+    trainer = fit(model, data, precision="bf16-mixed", max_steps=2)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_clip_grad_norm_bounds_the_written_gradient() -> None:
+    model, data = make(MultiObjective, rule=Sum(), clip_grad_norm=0.01)
+    fit(model, data, max_steps=1)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert float(norm) <= 0.01 + 1e-6
+
+
+def test_diagnostics_are_logged() -> None:
+    model, data = make(BOGC)
+    metrics = fit(model, data).callback_metrics
+    for m in ("m0", "m1", "m2"):
+        w0 = float(metrics[f"train/weight/encoder.{m}/fused_epoch"])
+        w1 = float(metrics[f"train/weight/encoder.{m}/{m}_epoch"])
+        assert w0 + w1 == pytest.approx(1.0, abs=1e-5)
+        assert -1 <= float(metrics[f"train/cos/{m}_epoch"]) <= 1
+    model, data = make(MIMO)
+    metrics = fit(model, data).callback_metrics
+    pis = [float(metrics[f"train/pi/{m}_epoch"]) for m in ("m0", "m1", "m2")]
+    assert sum(pis) == pytest.approx(1.0, abs=1e-5)
+    # the weakest modality (m2: least intra signal) gets the largest weight
+    assert pis[2] == max(pis)
+
+
+def test_logits_keys_and_inference_rule() -> None:
+    model, data = make(MIMO)
+    out = model(batch(data, 4).inputs)
+    assert set(out) == {FUSED, "m0", "m1", "m2"}
+    assert torch.allclose(model.predict_log_proba(out), F.log_softmax(out[FUSED], -1))
