@@ -6,7 +6,7 @@ DATA   ?= data
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test lint clean
+.PHONY: help install data demo test bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -37,7 +37,10 @@ demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print 
 test: install data  ## run the test suite (PYTEST_ARGS=... to select)
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-lint:  install ## ruff and mypy
+bench: install  ## step cost of every strategy (CPU size); table + benchmarks/results/*.json
+	$(PY) benchmarks/step_cost.py --size cpu
+
+lint: install  ## ruff and mypy
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy

@@ -30,13 +30,13 @@ def run_one(config: str, seed: int, out: Path, extra: Sequence[str] = ()) -> dic
         "fit",
         "--config",
         config,
+        *extra,  # before the seeds: replacing `data` must not reset the data seed
         f"--seed_everything={seed}",
         f"--data.init_args.seed={seed}",
         f"--trainer.logger.init_args.save_dir={out}",
         f"--trainer.logger.init_args.name={name}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        *extra,
     ]
     start = time.perf_counter()
     cli = build_cli(args)
