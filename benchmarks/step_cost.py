@@ -54,6 +54,7 @@ STRATEGIES = {
     "MGDA": (MultiObjective, {"rule": MGDA()}),
     "BOGC ema": (BOGC, {}),
     "BOGC microbatch(4)": (BOGC, {"variance": "microbatch", "n_chunks": 4}),
+    "BOGC last_layer": (BOGC, {"variance": "last_layer"}),
 }
 
 

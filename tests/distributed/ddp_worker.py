@@ -95,6 +95,8 @@ def train(strategy: str, data, world: int, steps: int, local_statistics: bool):
         name, kw = "MultiObjective", {"rule": Sum()}
     if name == "BOGC-microbatch":
         name, kw = "BOGC", {"variance": "microbatch", "n_chunks": 4}
+    if name == "BOGC-last_layer":
+        name, kw = "BOGC", {"variance": "last_layer"}
     if local_statistics:
         kw["local_statistics"] = True
     model = STRATEGIES[name](

@@ -18,7 +18,17 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-STRATEGIES = ["InterOnly", "IntraOnly", "I2M2", "MIMO", "Sum", "MGDA", "BOGC", "BOGC-microbatch"]
+STRATEGIES = [
+    "InterOnly",
+    "IntraOnly",
+    "I2M2",
+    "MIMO",
+    "Sum",
+    "MGDA",
+    "BOGC",
+    "BOGC-microbatch",
+    "BOGC-last_layer",
+]
 LOCAL = ["MIMO", "MGDA", "BOGC"]
 
 

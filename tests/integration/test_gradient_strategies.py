@@ -165,3 +165,30 @@ def test_logits_keys_and_inference_rule() -> None:
     out = model(batch(data, 4).inputs)
     assert set(out) == {FUSED, "m0", "m1", "m2"}
     assert torch.allclose(model.predict_log_proba(out), F.log_softmax(out[FUSED], -1))
+
+
+def test_last_layer_moments_equal_explicit_per_sample_gradients() -> None:
+    from mmlearn.strategies.bogc import last_layer_moments
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    h, y = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    s1, s2 = last_layer_moments(h, layer(h), y)
+    per_sample = []
+    for i in range(7):
+        loss = F.cross_entropy(layer(h[i : i + 1]), y[i : i + 1])
+        gw, gb = torch.autograd.grad(loss, [layer.weight, layer.bias])
+        per_sample.append(torch.cat([gw, gb[:, None]], 1))
+    g = torch.stack(per_sample)
+    assert torch.allclose(s1, g.sum(0), atol=1e-6) and torch.allclose(s2, (g * g).sum(0), atol=1e-6)
+
+
+def test_bogc_last_layer_trains_with_one_variance_per_objective() -> None:
+    model, data = make(BOGC, variance="last_layer")
+    _, _, _, var = model.gradient_statistics(batch(data))
+    assert var is not None
+    enc = var["encoder.m0"]
+    assert enc.shape[0] == 2 and torch.equal(enc[0], enc[0, :1].expand_as(enc[0]))
+    assert float(enc[0, 0]) != float(enc[1, 0]) and (enc >= 0).all()
+    trainer = fit(model, data, max_steps=3)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -5,15 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmlearn.batch import MultimodalBatch
 from mmlearn.errors import MMLearnError
 from mmlearn.gradients import BOGCCalibration
 from mmlearn.strategies import _jacobian as jac
+from mmlearn.strategies.base import FUSED
 from mmlearn.strategies.multi_objective import MultiObjective
 
-VARIANCES = ("ema", "microbatch")
+VARIANCES = ("ema", "microbatch", "last_layer")
+
+
+def last_layer_moments(h: Tensor, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums over samples of the per-sample CE gradients of a linear layer, and of their squares.
+
+    For ``z = W h + b`` the per-sample gradient is ``outer(p - onehot(y), [h, 1])``, so
+    ``sum_i g_i = R^T H1`` and ``sum_i g_i^2 = (R^2)^T (H1^2)`` with ``R = p - onehot(y)``
+    ``[N, K]`` and ``H1 = [h, 1]`` ``[N, d+1]``: one extra matmul, no per-sample tensors.
+
+    Returns:
+        ``(sum_g [K, d+1], sum_g2 [K, d+1])``.
+    """
+    r = torch.softmax(logits.detach().float(), -1)
+    r[torch.arange(len(target)), target] -= 1
+    h1 = torch.cat([h.detach().float(), h.new_ones(h.shape[0], 1, dtype=torch.float32)], 1)
+    return r.T @ h1, (r * r).T @ (h1 * h1)
 
 
 class BOGC(MultiObjective):
@@ -27,8 +44,12 @@ class BOGC(MultiObjective):
 
     Args:
         variance: ``"ema"`` (default; moving moments of each objective's gradient over steps, no
-            extra backward) or ``"microbatch"`` (the batch split into ``n_chunks``, one gradient per
-            chunk, their mean and variance: ``n_chunks`` forward/backward passes).
+            extra backward), ``"microbatch"`` (the batch split into ``n_chunks``, one gradient per
+            chunk, their mean and variance: ``n_chunks`` forward/backward passes) or
+            ``"last_layer"`` (the per-sample gradient variance of each objective's last linear
+            layer in closed form, see :func:`last_layer_moments`, averaged to one variance per
+            objective and used for every dimension of the encoders it reaches: a scalar
+            precision per objective; our reconstruction of the paper's last-layer posterior).
         beta: EMA decay (``ema``).
         n_chunks: chunks per step over ALL ranks (``microbatch``); must divide by the world size,
             and each rank's batch by ``n_chunks / world_size``.
@@ -38,8 +59,7 @@ class BOGC(MultiObjective):
             :class:`~mmlearn.strategies.base.MultimodalModule`.
 
     Cost: per step, the fused backward plus one backward through each encoder for its unimodal
-    row (``ema``), times ``n_chunks`` for ``microbatch``. ``"last_layer"`` (closed-form variance
-    for linear heads) is not implemented.
+    row (``ema``, ``last_layer``), times ``n_chunks`` for ``microbatch``.
     """
 
     def __init__(
@@ -58,10 +78,27 @@ class BOGC(MultiObjective):
         kwargs["rule"] = BOGCCalibration(beta=beta, eps=eps, e_max=e_max)
         super().__init__(**kwargs)
         self.variance, self.n_chunks = variance, n_chunks
+        self._last_inputs: dict[str, Tensor] = {}
+        if variance == "last_layer":
+            for k in [FUSED, *self.modalities]:
+                self.last_linear(k).register_forward_hook(self._capture(k))
+
+    def last_linear(self, objective: str) -> nn.Linear:
+        """The final linear layer of ``objective``'s head."""
+        head = self.joint.head if objective == FUSED else self.heads[objective]
+        return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+
+    def _capture(self, objective: str):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            self._last_inputs[objective] = args[0]
+
+        return hook
 
     def gradient_statistics(self, batch: MultimodalBatch):
         if self.variance == "ema":
             return super().gradient_statistics(batch)
+        if self.variance == "last_layer":
+            return self._last_layer_statistics(batch)
         world = jac.world_size()
         local = self.n_chunks // world
         if local * world != self.n_chunks or batch.size % local:
@@ -98,3 +135,25 @@ class BOGC(MultiObjective):
         var = {g: (moments[f"q:{g}"] / n - mean[g] ** 2).clamp_min(0) * n / (n - 1) for g in total}
         outputs = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
         return outputs, loss_sum, mean, var
+
+    def _last_layer_statistics(self, batch: MultimodalBatch):
+        outputs = self(batch.inputs)
+        losses = self.objectives(outputs, batch.target)
+        rows = jac.objective_rows(losses, self.groups)
+        stats = {f"row:{g}": r for g, r in rows.items()}
+        for k in losses:
+            s1, s2 = last_layer_moments(self._last_inputs[k], outputs[k], batch.target)
+            stats |= {f"s1:{k}": s1, f"s2:{k}": s2}
+        stats["n"] = torch.tensor([float(batch.size)], device=batch.target.device)
+        stats = jac.reduce_rows(stats)  # ONE collective: rows and per-sample moments
+        n = stats["n"]
+        var_k = {
+            k: (stats[f"s2:{k}"] / n - (stats[f"s1:{k}"] / n) ** 2).clamp_min(0).mean()
+            for k in losses
+        }
+        mean = {g: stats[f"row:{g}"] for g in rows}
+        var = {
+            g.name: torch.stack([var_k[k].expand(g.numel) for k in g.objectives])
+            for g in self.groups
+        }
+        return outputs, losses, mean, var
