@@ -24,6 +24,13 @@ def make_head(in_dim: int, num_classes: int, hidden: int | None = None, dropout:
     )
 
 
+def all_present(present: Mapping[str, Tensor] | None) -> Tensor | None:
+    """Bool ``[B]``: samples with every modality present (``None`` when nothing is missing)."""
+    if not present:
+        return None
+    return torch.stack(list(present.values())).all(0)
+
+
 def product_of_experts(
     logits: Mapping[str, Tensor], present: Mapping[str, Tensor | None] | None = None
 ) -> Tensor:

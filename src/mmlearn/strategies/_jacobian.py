@@ -69,25 +69,20 @@ def objective_rows(losses: Mapping[str, Tensor], groups: Sequence[ParamGroup]) -
     One ``autograd.grad`` per objective, over exactly the parameters that objective reaches,
     so a unimodal loss back-propagates through its own encoder only.
     """
-    grads: dict[tuple[str, int], Tensor] = {}
+    per_group: dict[str, dict[str, Tensor]] = {g.name: {} for g in groups}
     for k, loss in losses.items():
-        params = [(g, i, p) for g in groups if k in g.objectives for i, p in enumerate(g.params)]
-        got = torch.autograd.grad(
-            loss, [p for _, _, p in params], retain_graph=True, allow_unused=True
-        )
-        for (g, i, p), gr in zip(params, got, strict=True):
-            grads[(g.name + "\0" + k, i)] = (
-                gr if gr is not None else torch.zeros_like(p)
-            ).flatten()
-    return {
-        g.name: torch.stack(
-            [
-                torch.cat([grads[(g.name + "\0" + k, i)] for i in range(len(g.params))])
-                for k in g.objectives
-            ]
-        )
-        for g in groups
-    }
+        reached = [g for g in groups if k in g.objectives]
+        params = [p for g in reached for p in g.params]
+        got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        flat = [
+            (torch.zeros_like(p) if gr is None else gr).flatten()
+            for p, gr in zip(params, got, strict=True)
+        ]
+        start = 0
+        for g in reached:
+            per_group[g.name][k] = torch.cat(flat[start : start + len(g.params)])
+            start += len(g.params)
+    return {g.name: torch.stack([per_group[g.name][k] for k in g.objectives]) for g in groups}
 
 
 def reduce_rows(rows: Mapping[str, Tensor], mean: bool = True) -> dict[str, Tensor]:

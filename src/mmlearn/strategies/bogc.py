@@ -95,10 +95,13 @@ class BOGC(MultiObjective):
         return hook
 
     def gradient_statistics(self, batch: MultimodalBatch):
-        if self.variance == "ema":
-            return super().gradient_statistics(batch)
+        if self.variance == "microbatch":
+            return self._microbatch_statistics(batch)
         if self.variance == "last_layer":
             return self._last_layer_statistics(batch)
+        return super().gradient_statistics(batch)  # ema: the rule keeps the moments
+
+    def _microbatch_statistics(self, batch: MultimodalBatch):
         world = jac.world_size()
         local = self.n_chunks // world
         if local * world != self.n_chunks or batch.size % local:

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
-from mmlearn.heads import product_of_experts
+from mmlearn.heads import all_present, product_of_experts
 from mmlearn.strategies.base import FUSED, MultimodalModule
-from mmlearn.strategies.intra_only import all_present
 
 MISSING_JOINT = ("impute", "drop")
 

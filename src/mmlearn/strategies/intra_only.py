@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,10 +54,3 @@ class IntraOnly(MultimodalModule):
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         return product_of_experts({m: outputs[m] for m in self.modalities}, present)
-
-
-def all_present(present: Mapping[str, Tensor] | None) -> Tensor | None:
-    """Bool ``[B]``: samples with every modality present (``None`` when nothing is missing)."""
-    if not present:
-        return None
-    return torch.stack(list(present.values())).all(0)
