@@ -25,6 +25,12 @@ def mfeat_root() -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_leaked_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``seed_everything`` sets ``PL_GLOBAL_SEED`` (DataModules follow it): start clean."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _quiet() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")

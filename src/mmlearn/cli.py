@@ -8,15 +8,18 @@ commands: ``mmlearn prepare <dataset>`` and ``mmlearn compare <configs...>``.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 import mmlearn.data  # noqa: F401  (makes the DataModules resolvable by short name)
 import mmlearn.strategies  # noqa: F401  (makes the strategies resolvable by short name)
@@ -42,10 +45,59 @@ TRAINER_DEFAULTS = {
 }
 
 
+class ConfigSaver(SaveConfigCallback):
+    """Saves ``config.yaml`` in the run folder and logs the same config, nested, to W&B.
+
+    An existing ``config.yaml`` with the very same content is the same run coming back (a Slurm
+    requeue, a resume into its ``run_dir``) and is not an error; a different one still is, so no
+    earlier run is overwritten. The W&B copy is written once, from rank 0 (Lightning calls
+    ``save_config`` only there), with ``allow_val_change`` because a sweep agent has already set
+    its own keys.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self.already_saved and not self.overwrite:
+            path = Path(trainer.log_dir or ".") / self.config_filename
+            same = False
+            if trainer.is_global_zero and path.is_file():
+                ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                same = yaml.safe_load(path.read_text()) == ours
+            self.overwrite = bool(trainer.strategy.broadcast(same))
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in wandb_loggers:
+                logger.experiment.config.update(config, allow_val_change=True)
+
+
+def _loggers(cfg: Namespace) -> Iterator[Namespace]:
+    """The logger entries of a parsed config (one, a list, or none)."""
+    logger = cfg.get("trainer", {}).get("logger")
+    for entry in logger if isinstance(logger, list) else [logger]:
+        if isinstance(entry, Namespace) and entry.get("init_args") is not None:
+            yield entry
+
+
 class MMLearnCLI(LightningCLI):
     """LightningCLI with the data -> model links, a checkpoint callback and one dir per run."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="put everything of this run (config, checkpoints, metrics, Slurm's hpc "
+            "checkpoints, W&B files) in exactly this folder; a requeued job passes the same one",
+        )
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="after `fit`, test the best checkpoint (by val/acc) in the same run and loggers",
+        )
         for key in ("input_shapes", "num_classes"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -60,21 +112,71 @@ class MMLearnCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Name the default CSV logger's run folder ``runs/<Data>/<Strategy>/version_N``."""
+        """Name the run: ``runs/<Data>/<Strategy>/version_N`` and W&B group ``<Data>/<Strategy>``.
+
+        With ``run_dir`` every logger, the checkpoints and Lightning's ``default_root_dir`` (where
+        Slurm's ``hpc_ckpt_*.ckpt`` go and are found again) point into that one folder.
+        """
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        logger = cfg.get("trainer", {}).get("logger")
-        if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith(
-            "CSVLogger"
-        ):
-            return
-        if logger.init_args.get("name") in (None, "lightning_logs"):
-            model = str(cfg.model.class_path).rsplit(".", 1)[-1]
-            data = str(cfg.data.class_path).rsplit(".", 1)[-1]
-            logger.init_args.name = f"{data}/{model}"
+        model = str(cfg.model.class_path).rsplit(".", 1)[-1]
+        data = str(cfg.data.class_path).rsplit(".", 1)[-1]
+        run_dir = cfg.get("run_dir")
+        for logger in _loggers(cfg):
+            kind = str(logger.class_path).rsplit(".", 1)[-1]
+            args = logger.init_args
+            if kind.endswith("WandbLogger"):
+                args.group = args.get("group") or f"{data}/{model}"
+                args.job_type = args.get("job_type") or self.subcommand
+                args.tags = args.get("tags") or [data, model]
+                if args.get("name") in (None, "lightning_logs"):
+                    args.name = f"{model}-seed{cfg.get('seed_everything')}"
+            if run_dir is not None and "save_dir" in args:
+                args.save_dir = run_dir
+                if kind.endswith(("CSVLogger", "TensorBoardLogger")):
+                    args.name, args.version = "", ""
+            elif kind.endswith("CSVLogger") and args.get("name") in (None, "lightning_logs"):
+                args.name = f"{data}/{model}"
+        if run_dir is not None:
+            cfg.trainer.default_root_dir = run_dir
+            if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") is None:
+                cfg.checkpoint.dirpath = os.path.join(run_dir, "checkpoints")
+            if self.subcommand != "fit":  # keep the training config; record this one beside it
+                self.save_config_kwargs = {
+                    "config_filename": f"{self.subcommand}-config.yaml",
+                    "overwrite": True,
+                }
+
+    def after_fit(self) -> None:
+        """``--test_after_fit``: test the best checkpoint; its metrics join the same run."""
+        if self.config.fit.get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+
+
+def configs_first(args: Sequence[str]) -> list[str]:
+    """Move every ``--config`` (in its order) before the other options, after the subcommand.
+
+    jsonargparse applies arguments left to right, so an option given before a ``--config`` that
+    sets the same key is silently lost. mmlearn reads config files first, then the options,
+    wherever they stand: a W&B agent that sends ``--seed_everything=3 --config=x.yaml`` (its
+    parameter order is not ours to choose) gets seed 3, as the user meant.
+    """
+    args = list(args)
+    start = 1 if args and not args[0].startswith("-") else 0
+    configs: list[str] = []
+    others: list[str] = []
+    i = start
+    while i < len(args):
+        if args[i] == "--config" and i + 1 < len(args):
+            configs += args[i : i + 2]
+            i += 2
+            continue
+        (configs if args[i].startswith("--config=") else others).append(args[i])
+        i += 1
+    return args[:start] + configs + others
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MMLearnCLI:
-    """Construct (and by default run) the CLI on ``args``."""
+    """Construct (and by default run) the CLI on ``args`` (``--config`` files read first)."""
     # in-memory data needs no workers; compare passes args in-process on purpose
     for pattern in (".*many workers.*", ".*args parameter is intended.*", ".*LeafSpec.*"):
         warnings.filterwarnings("ignore", pattern)
@@ -84,9 +186,10 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MMLearnCLI
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=ConfigSaver,
         trainer_defaults=TRAINER_DEFAULTS,
         parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
-        args=list(args) if args is not None else None,
+        args=configs_first(sys.argv[1:] if args is None else args),
         run=run,
     )
 

@@ -1,16 +1,22 @@
-"""A CSV logger that never deletes what an earlier run wrote.
+"""Loggers: a CSV logger that never deletes what an earlier run wrote, and a W&B logger.
 
 Lightning's CSV writer removes an existing ``metrics.csv`` when its version folder is reused (a
 resumed or requeued run, or a mistyped ``version``). Ours appends to it instead: earlier rows stay,
-and the header grows when new keys appear.
+and the header grows when new keys appear. The W&B logger goes offline by itself when there is no
+account and continues the same W&B run when Slurm requeues a job.
 """
 
 from __future__ import annotations
 
 import csv
+import netrc
+import os
+from typing import Literal
+from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -33,3 +39,72 @@ class CSVLogger(_LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B could log in without asking: ``WANDB_API_KEY`` or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def slurm_run_id() -> str | None:
+    """The Slurm job id (``<array job>_<task>`` in an array), stable across requeues; else None."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job is not None:
+        return f"{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class WandbLogger(_LightningWandbLogger):
+    """``lightning.pytorch.loggers.WandbLogger`` with the defaults a shared cluster needs.
+
+    * ``offline=None`` (default) decides by itself: offline when ``WANDB_MODE`` says so or when no
+      API key is configured (no ``WANDB_API_KEY``, no netrc entry). Offline runs are written under
+      ``save_dir/wandb/offline-run-*``; ``wandb sync <that folder>`` uploads them later.
+    * ``id=None`` inside a Slurm job uses the job id, so a requeued job continues its W&B run.
+    * ``group``/``job_type``/``tags`` are real options (Lightning passes them through ``**kwargs``,
+      which the CLI cannot see). ``mmlearn`` fills ``group`` with ``<Data>/<Strategy>`` when unset.
+
+    Args:
+        project: W&B project (``$WANDB_PROJECT`` when set, else ``mmlearn``).
+        save_dir: parent folder of the local ``wandb/`` run files.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        save_dir: str = "runs",
+        project: str | None = None,
+        entity: str | None = None,
+        group: str | None = None,
+        job_type: str | None = None,
+        tags: list[str] | None = None,
+        notes: str | None = None,
+        id: str | None = None,
+        offline: bool | None = None,
+        log_model: bool | Literal["all"] = False,
+        prefix: str = "",
+    ) -> None:
+        if offline is None:
+            mode = os.environ.get("WANDB_MODE")
+            offline = mode in ("offline", "dryrun") if mode else not wandb_credentials()
+        os.makedirs(save_dir, exist_ok=True)  # wandb falls back to a temp dir when it is missing
+        super().__init__(
+            name=name,
+            save_dir=save_dir,
+            project=project or os.environ.get("WANDB_PROJECT", "mmlearn"),
+            id=id or slurm_run_id(),
+            offline=offline,
+            log_model=log_model,
+            prefix=prefix,
+            entity=entity,
+            group=group,
+            job_type=job_type,
+            tags=tags,
+            notes=notes,
+        )

@@ -8,6 +8,7 @@ and source, and exposes what the model needs: ``modalities``, ``input_shapes``, 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -74,16 +75,19 @@ class MultimodalDataModule(pl.LightningDataModule):
     Args:
         batch_size: samples per batch (per process under DDP).
         num_workers: DataLoader workers (0: load in the main process; the data is in memory).
-        seed: seed of the split and of the shuffling order.
+        seed: seed of the split and of the shuffling order; ``None`` follows ``seed_everything``
+            (``$PL_GLOBAL_SEED``, 0 when unset), so one seed per run fixes everything.
     """
 
     #: what the data was read from, named in errors (a path, or a generator description).
     source: str = ""
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise MMLearnError(f"data.batch_size={batch_size}; expected >= 1")
+        if seed is None:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self._splits: dict[str, Split] | None = None
 

@@ -62,7 +62,7 @@ class MultipleFeatures(MultimodalDataModule):
         pix_as_image: bool = False,
         batch_size: int = 64,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.views = list(views) if views is not None else list(VIEWS)

@@ -61,7 +61,7 @@ class SyntheticMultimodal(MultimodalDataModule):
         n_test: int = 1000,
         batch_size: int = 64,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         if num_modalities < 1 or num_classes < 2:
@@ -75,7 +75,7 @@ class SyntheticMultimodal(MultimodalDataModule):
         self.noise = _per_modality(noise, m, "noise")
         self.inter, self.latent_dim, self.k = float(inter), latent_dim, num_classes
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
-        self.source = f"SyntheticMultimodal(seed={seed})"
+        self.source = f"SyntheticMultimodal(seed={self.seed})"
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,97 @@
+"""W&B logging against the real wandb library, offline (no account, nothing uploaded)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmlearn.cli import build_cli
+from mmlearn.loggers import WandbLogger
+
+REPO = Path(__file__).resolve().parents[2]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture
+def no_account(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A machine with no W&B credentials and no mode chosen: the logger must go offline itself."""
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_offline_decision_and_slurm_run_id(no_account, monkeypatch, tmp_path) -> None:
+    assert WandbLogger(save_dir=str(tmp_path))._offline is True
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert WandbLogger(save_dir=str(tmp_path))._offline is False
+    monkeypatch.setenv("WANDB_MODE", "offline")  # an explicit mode wins over the key
+    assert WandbLogger(save_dir=str(tmp_path))._offline is True
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert WandbLogger(save_dir=str(tmp_path))._id == "4242"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert WandbLogger(save_dir=str(tmp_path))._id == "77_3"
+    assert WandbLogger(save_dir=str(tmp_path), id="mine")._id == "mine"
+
+
+def test_wandb_base_config_logs_an_offline_run(no_account, tmp_path) -> None:
+    """fit + test with ``experiments/_base/wandb.yaml``: one offline W&B run with the nested config,
+    the (dataset, strategy) group and the test metrics; the CSV run folder is unchanged."""
+    run_dir = tmp_path / "run"
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(REPO / "experiments/synthetic/i2m2.yaml"),
+            "--config",
+            str(REPO / "experiments/_base/wandb.yaml"),
+            f"--run_dir={run_dir}",
+            "--trainer.max_epochs=2",
+            "--test_after_fit=true",
+            *QUIET,
+        ]
+    )
+    (logger,) = [lg for lg in cli.trainer.loggers if isinstance(lg, WandbLogger)]
+    run = logger.experiment
+    try:
+        assert run.offline
+        assert run.group == "SyntheticMultimodal/I2M2"
+        assert run.job_type == "fit"
+        # the resolved config, nested, exactly as saved in the run folder
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert run.config["model"] == saved["model"]
+        assert run.config["model"]["init_args"]["embed_dim"] == 64
+        assert run.config["seed_everything"] == saved["seed_everything"] == 0
+        test_acc = float(cli.trainer.callback_metrics["test/acc"])
+        assert run.summary["test/acc"] == pytest.approx(test_acc)
+        # the run is on disk, ready for `wandb sync`
+        (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run.id}")
+        assert (offline / f"run-{run.id}.wandb").stat().st_size > 0
+    finally:
+        run.finish()
+    # the CSV logger still names the run folder and holds every metric
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["test/acc"]) for r in rows if r.get("test/acc")] == [pytest.approx(test_acc)]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_requeued_run_may_rewrite_its_identical_config_but_not_another(tmp_path) -> None:
+    args = [
+        "fit",
+        "--config",
+        str(REPO / "experiments/synthetic/inter_only.yaml"),
+        f"--run_dir={tmp_path / 'run'}",
+        "--trainer.max_epochs=1",
+        *QUIET,
+    ]
+    build_cli(args)
+    build_cli(args)  # the same job again (a Slurm requeue): allowed, nothing lost
+    with pytest.raises(RuntimeError, match="NOT exist"):
+        build_cli([*args, "--model.init_args.embed_dim=8"])
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["embed_dim"] == 64
