@@ -178,7 +178,13 @@ def configs_first(args: Sequence[str]) -> list[str]:
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MMLearnCLI:
     """Construct (and by default run) the CLI on ``args`` (``--config`` files read first)."""
     # in-memory data needs no workers; compare passes args in-process on purpose
-    for pattern in (".*many workers.*", ".*args parameter is intended.*", ".*LeafSpec.*"):
+    # (a login node has srun on PATH: Lightning's hint to use it is noise for a local run)
+    for pattern in (
+        ".*many workers.*",
+        ".*args parameter is intended.*",
+        ".*LeafSpec.*",
+        ".*The `srun` command is available.*",
+    ):
         warnings.filterwarnings("ignore", pattern)
     return MMLearnCLI(
         MultimodalModule,

@@ -95,3 +95,18 @@ def test_requeued_run_may_rewrite_its_identical_config_but_not_another(tmp_path)
         build_cli([*args, "--model.init_args.embed_dim=8"])
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["embed_dim"] == 64
+
+
+def test_compare_logs_every_run_and_the_comparison(no_account, tmp_path) -> None:
+    from mmlearn.cli import main
+
+    configs = [str(REPO / f"experiments/synthetic/{s}.yaml") for s in ("inter_only", "mimo")]
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as done:
+        main(["compare", *configs, "--out", str(out), "--wandb", "--set", "trainer.max_epochs=1"])
+    assert done.value.code == 0
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3  # one per (strategy, seed) and one for the comparison table + plot
+    for run in runs:
+        assert any((out / "wandb" / run).glob("run-*.wandb"))
+    assert (out / "comparison.png").is_file()

@@ -1,0 +1,153 @@
+"""Statistics and reports of a strategy comparison: intervals over seeds, paired tests, a plot.
+
+Each strategy was run once per seed, and at a given seed every strategy saw the same split and
+batch order (``mmlearn compare`` sets both from the seed), so differences are *paired* by seed:
+the paired t-test (Student 1908; one-sample t on the per-seed differences, = ``ttest_rel``) vs
+the baseline is the primary test, with the Wilcoxon signed-rank test (Wilcoxon 1945) as the
+distribution-free check. With few seeds both have little power: read the interval of the mean
+difference first, the p-value second. Intervals are two-sided 95% Student-t intervals of the mean.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+Row = dict[str, Any]
+
+
+def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
+    """Mean, sample std, and the 95% t-interval of the mean (NaN bounds with one value)."""
+    n = len(values)
+    mean = float(values.mean())
+    if n < 2:
+        return mean, 0.0, math.nan, math.nan
+    std = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+def _paired(diffs: np.ndarray) -> tuple[float, float]:
+    """(paired t-test p, Wilcoxon signed-rank p) of ``diffs`` against 0; NaN where undefined."""
+    if len(diffs) < 2 or not np.any(diffs):
+        return math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant differences: scipy warns, the p is still right
+        t_p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+        w_p = float(stats.wilcoxon(diffs).pvalue)
+    return t_p, w_p
+
+
+def summarise(rows: Sequence[Row], metrics: Sequence[str], baseline: str) -> list[Row]:
+    """One row per (strategy, metric): n, mean, std, 95% CI, and the paired test vs ``baseline``.
+
+    Args:
+        rows: one per run, with ``strategy``, ``seed`` and a float per metric key.
+        metrics: metric keys to summarise (``test/acc`` ...); runs lacking one are left out of it.
+        baseline: the strategy every other is compared with, paired by seed.
+    """
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    if baseline not in strategies:
+        raise ValueError(f"baseline {baseline!r} is not among the strategies {strategies}")
+    out: list[Row] = []
+    for metric in metrics:
+        by_seed = {
+            s: {r["seed"]: float(r[metric]) for r in rows if r["strategy"] == s and metric in r}
+            for s in strategies
+        }
+        for s in strategies:
+            values = np.array(list(by_seed[s].values()))
+            if values.size == 0:
+                continue
+            mean, std, lo, hi = _interval(values)
+            entry: Row = {"strategy": s, "metric": metric, "n": values.size, "mean": mean}
+            entry |= {"std": std, "ci_low": lo, "ci_high": hi}
+            seeds = sorted(set(by_seed[s]) & set(by_seed[baseline]))
+            diffs = np.array([by_seed[s][k] - by_seed[baseline][k] for k in seeds])
+            if s != baseline and diffs.size:
+                d_mean, _, d_lo, d_hi = _interval(diffs)
+                t_p, w_p = _paired(diffs)
+                entry |= {"pairs": diffs.size, "diff": d_mean, "diff_ci_low": d_lo}
+                entry |= {"diff_ci_high": d_hi, "p_ttest": t_p, "p_wilcoxon": w_p}
+            out.append(entry)
+    return out
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def markdown_table(summary: Sequence[Row], baseline: str) -> str:
+    """The comparison as Markdown: one table per metric, strategies as rows."""
+    blocks = []
+    for metric in dict.fromkeys(e["metric"] for e in summary):
+        lines = [
+            f"**{metric}** (mean ± std over seeds, 95% CI; paired by seed vs **{baseline}**)",
+            "",
+            "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) | p (W) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in (e for e in summary if e["metric"] == metric):
+            ci = f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
+            if "diff" in e:
+                diff = f"{e['diff']:+.4f} [{_fmt(e['diff_ci_low'])}, {_fmt(e['diff_ci_high'])}]"
+                p_t, p_w = _fmt(e["p_ttest"], 3), _fmt(e["p_wilcoxon"], 3)
+            else:
+                diff, p_t, p_w = "(baseline)" if e["strategy"] == baseline else "no pairs", "", ""
+            cells = [e["strategy"], str(e["n"]), f"{e['mean']:.4f} ± {e['std']:.4f}", ci, diff]
+            lines.append("| " + " | ".join([*cells, p_t, p_w]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def write_csv(path: Path, rows: Sequence[Row]) -> None:
+    """Rows as CSV; the header is the union of their keys in first-seen order."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: Sequence[Row], summary: Sequence[Row], path: Path) -> None:
+    """One panel per metric: each seed as a dot, the mean with its 95% CI as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on clusters or in CI
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(e["metric"] for e in summary))
+    strategies = list(dict.fromkeys(e["strategy"] for e in summary))
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(1.2 + 1.1 * len(strategies) * len(metrics), 3.6), squeeze=False
+    )
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for i, s in enumerate(strategies):
+            seeds = [float(r[metric]) for r in rows if r["strategy"] == s and metric in r]
+            ax.scatter(
+                np.full(len(seeds), i) + np.linspace(-0.12, 0.12, len(seeds)),
+                seeds,
+                s=14,
+                color="0.55",
+                zorder=2,
+            )
+            e = next(e for e in summary if e["strategy"] == s and e["metric"] == metric)
+            err = (
+                None
+                if math.isnan(e["ci_low"])
+                else [[e["mean"] - e["ci_low"]], [e["ci_high"] - e["mean"]]]
+            )
+            ax.errorbar([i], [e["mean"]], yerr=err, fmt="o", color="C0", capsize=4, zorder=3)
+        ax.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
+        ax.set_title(metric)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("mean and 95% CI over seeds (dots: single seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

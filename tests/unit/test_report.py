@@ -1,0 +1,56 @@
+"""The comparison statistics, checked against hand computation and scipy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats
+
+from mmlearn.evaluation.report import markdown_table, summarise
+
+A = [0.90, 0.92, 0.94]
+B = [0.93, 0.95, 0.96]  # B - A = [0.03, 0.03, 0.02]
+
+
+def rows(**by_strategy: list[float]) -> list[dict]:
+    return [
+        {"strategy": s, "seed": seed, "test/acc": v}
+        for s, values in by_strategy.items()
+        for seed, v in enumerate(values)
+    ]
+
+
+def test_interval_and_paired_test_numbers() -> None:
+    (a, b) = summarise(rows(A=A, B=B), ["test/acc"], baseline="A")
+    assert a["mean"] == pytest.approx(0.92) and a["std"] == pytest.approx(0.02)
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t_{0.975, 2}
+    assert (a["ci_low"], a["ci_high"]) == (pytest.approx(0.92 - half), pytest.approx(0.92 + half))
+    assert "diff" not in a  # the baseline is not tested against itself
+    assert b["diff"] == pytest.approx(0.08 / 3)
+    # paired by seed: exactly scipy's related-samples t-test, here t = 8 on 2 df
+    assert b["p_ttest"] == pytest.approx(stats.ttest_rel(B, A).pvalue)
+    assert b["p_ttest"] == pytest.approx(0.015268, abs=1e-5)
+    assert b["p_wilcoxon"] == pytest.approx(0.25)  # 3 positive pairs: the smallest possible p
+    assert b["diff_ci_low"] > 0  # a consistent gain: the interval of the difference excludes 0
+
+
+def test_pairs_follow_seeds_not_positions() -> None:
+    shuffled = rows(A=A, B=B)
+    shuffled[3:] = shuffled[3:][::-1]  # B's runs listed in another order
+    (_, b) = summarise(shuffled, ["test/acc"], baseline="A")
+    assert b["diff"] == pytest.approx(0.08 / 3)
+    assert b["p_ttest"] == pytest.approx(0.015268, abs=1e-5)
+
+
+def test_one_seed_has_no_interval_and_no_p_value() -> None:
+    (a, b) = summarise(rows(A=A[:1], B=B[:1]), ["test/acc"], baseline="A")
+    assert a["std"] == 0.0 and math.isnan(a["ci_low"])
+    assert math.isnan(b["p_ttest"]) and b["diff"] == pytest.approx(0.03)
+    table = markdown_table([a, b], "A")
+    assert "n/a" in table and "(baseline)" in table
+
+
+def test_unknown_baseline_is_an_error_naming_the_strategies() -> None:
+    with pytest.raises(ValueError, match=r"baseline 'C'.*\['A', 'B'\]"):
+        summarise(rows(A=A, B=B), ["test/acc"], baseline="C")
