@@ -2,7 +2,7 @@
 
 Strategy and data are chosen by class (``--model I2M2 --data MultipleFeatures``); the modality
 shapes and class count reach the model from the DataModule through ``link_arguments``. Project
-commands: ``mmlearn prepare <dataset>`` and ``mmlearn compare <configs...>``.
+commands: ``mmlearn prepare <dataset>``, ``mmlearn compare <configs...>`` and ``mmlearn slurm``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from pathlib import Path
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import mmlearn.data  # noqa: F401  (makes the DataModules resolvable by short name)
 import mmlearn.strategies  # noqa: F401  (makes the strategies resolvable by short name)
-from mmlearn.callbacks import PredictionWriter
+from mmlearn.callbacks import Checkpoint, PredictionWriter, SlurmRequeue
 from mmlearn.data.base import MultimodalDataModule
 from mmlearn.errors import MMLearnError, user_error
 from mmlearn.strategies.base import MultimodalModule
@@ -32,7 +31,8 @@ DESCRIPTION = """mmlearn: compare multi-modal learning strategies under one Ligh
 
 Lightning subcommands: fit, validate, test, predict (e.g. `mmlearn fit --config
 experiments/mfeat/i2m2.yaml`). Project commands: `mmlearn prepare mfeat --root data`,
-`mmlearn compare experiments/mfeat/*.yaml --seeds 0 1 2 --out runs/compare`."""
+`mmlearn compare experiments/mfeat/*.yaml --seeds 0 1 2 --out runs/compare`,
+`mmlearn slurm experiments/mfeat/i2m2.yaml --gpus 4 --time 02:00:00 [--dry-run]`."""
 
 TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
@@ -100,8 +100,9 @@ class MMLearnCLI(LightningCLI):
         )
         for key in ("input_shapes", "num_classes"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(SlurmRequeue, "requeue")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -203,8 +204,9 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MMLearnCLI
 def _project_commands() -> dict[str, Callable[[Sequence[str]], int]]:
     from mmlearn.evaluation.compare import compare_main
     from mmlearn.prepare import prepare_main
+    from mmlearn.slurm import slurm_main
 
-    return {"prepare": prepare_main, "compare": compare_main}
+    return {"prepare": prepare_main, "compare": compare_main, "slurm": slurm_main}
 
 
 def _subclasses(base: type) -> dict[str, type]:
@@ -263,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in ("prepare", "compare"):
+        if args and args[0] in ("prepare", "compare", "slurm"):
             sys.exit(_project_commands()[args[0]](args[1:]))
         check_choices(args)
         build_cli(None if argv is None else args)

@@ -210,3 +210,12 @@ def test_modality_mismatch_with_a_checkpoint_loses_nothing(run_cli, capsys, tmp_
             save_dir=tmp_path,
         )
     assert _digest(run) == before
+
+
+def test_last_ckpt_is_the_final_state_even_when_val_did_not_improve(run_cli) -> None:
+    # lr 0: val/acc never improves after epoch 0, so Lightning alone would keep last.ckpt there
+    cli = _fit(run_cli, "InterOnly", "--model.init_args.optimizer.init_args.lr=0.0", epochs=3)
+    ckpts = Path(cli.trainer.checkpoint_callback.dirpath)
+    assert (ckpts / "best-epoch=0.ckpt").is_file()
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, cli.trainer.global_step)

@@ -168,7 +168,26 @@ def test_loaders_yield_batches_in_a_seeded_order() -> None:
     assert batch.inputs["b"].shape == (4, 3, 4) and batch.target.dtype == torch.int64
     loader = dm.train_dataloader()
     first = [b.target.tolist() for b in loader]
-    loader.sampler.set_epoch(1)
+    loader.batch_sampler.sampler.set_epoch(1)
     second = [b.target.tolist() for b in loader]
-    loader.sampler.set_epoch(0)
+    loader.batch_sampler.sampler.set_epoch(0)
     assert [b.target.tolist() for b in loader] == first != second
+
+
+def test_train_loader_resumes_mid_epoch_with_the_next_batch() -> None:
+    dm = Handmade({"train": good(10), "val": good(), "test": good()})
+    whole = [b.target.tolist() for b in dm.train_dataloader()]  # epoch 0: 3 batches of 4, 4, 2
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    seen = [next(it).target.tolist()]
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 1}
+    resumed = dm.train_dataloader()  # a new process after a requeue
+    resumed.load_state_dict(state)
+    assert seen + [b.target.tolist() for b in resumed] == whole
+    # the skip applies once, and only to the epoch it was saved in
+    assert [b.target.tolist() for b in resumed] == whole
+    other = dm.train_dataloader()
+    other.load_state_dict(state)
+    other.batch_sampler.sampler.set_epoch(1)
+    assert len(list(other)) == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mmlearn.callbacks.checkpoint import Checkpoint
 from mmlearn.callbacks.predictions import PredictionWriter
+from mmlearn.callbacks.requeue import SlurmRequeue
 
-__all__ = ["PredictionWriter"]
+__all__ = ["Checkpoint", "PredictionWriter", "SlurmRequeue"]

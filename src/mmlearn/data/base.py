@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmlearn.batch import collate_multimodal
+from mmlearn.data.resumable import ResumableBatchSampler, ResumableDataLoader
 from mmlearn.errors import MMLearnError
 
 SPLITS = ("train", "val", "test")
@@ -179,10 +180,11 @@ class MultimodalDataModule(pl.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         ds = SplitDataset(self.splits[name])
-        return DataLoader(
+        # resumable mid-epoch (a preempted job continues with the very next batch)
+        sampler = EpochSeededSampler(len(ds), self.seed, shuffle)
+        return ResumableDataLoader(
             ds,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(ds), self.seed, shuffle),
+            batch_sampler=ResumableBatchSampler(sampler, self.batch_size, drop_last=False),
             collate_fn=collate_multimodal,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
