@@ -147,6 +147,19 @@ class MMLearnCLI(LightningCLI):
                     "overwrite": True,
                 }
 
+    def instantiate_classes(self) -> None:
+        """Instantiate, then record data-derived choices (a table's class list) in the config.
+
+        The run's ``config.yaml`` is written after this, so ``mmlearn test``/``predict`` from it
+        map labels to the same indices even on a file that lacks some classes.
+        """
+        super().instantiate_classes()
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        classes = getattr(self.datamodule, "classes", None)
+        args = cfg.data.get("init_args")
+        if classes is not None and args is not None and "classes" in args and not args.classes:
+            args.classes = list(classes)
+
     def after_fit(self) -> None:
         """``--test_after_fit``: test the best checkpoint; its metrics join the same run."""
         if self.config.fit.get("test_after_fit"):

@@ -43,7 +43,10 @@ def test_every_experiment_config_runs_fast_dev_run(run_cli, request) -> None:
 
 
 @pytest.mark.parametrize("path", DATA_MODULES, ids=lambda p: p.name)
-def test_every_data_module_config_runs_fast_dev_run(path: Path, run_cli, request) -> None:
+def test_every_data_module_config_runs_fast_dev_run(
+    path: Path, run_cli, request, monkeypatch
+) -> None:
+    monkeypatch.chdir(REPO)  # example files are named relative to the repository root
     if "mfeat" in path.name:
         request.getfixturevalue("mfeat_env")
     cli = run_cli("fit", "--model", "I2M2", "--data", str(path), "--trainer.fast_dev_run=true")

@@ -43,9 +43,12 @@ class PredictionWriter(BasePredictionWriter):
         probs = log_probs.exp().tolist()
         path = Path(trainer.log_dir or ".") / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        # class names, where the data has them (a table's string labels)
+        names = getattr(getattr(trainer, "datamodule", None), "classes", None)
+        names = names or list(range(len(probs[0])))
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["sample", "target", "pred", *[f"p_{k}" for k in range(len(probs[0]))]])
+            w.writerow(["sample", "target", "pred", *[f"p_{k}" for k in names]])
             for i, row in enumerate(probs):
-                w.writerow([i, target[i], pred[i], *(f"{p:.6g}" for p in row)])
+                w.writerow([i, names[target[i]], names[pred[i]], *(f"{p:.6g}" for p in row)])
         self.path = path

@@ -5,11 +5,13 @@ from __future__ import annotations
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.data.mfeat import MultipleFeatures, prepare_mfeat
 from mmlearn.data.synthetic import SyntheticMultimodal
+from mmlearn.data.table import TableDataModule
 
 __all__ = [
     "MultimodalDataModule",
     "MultipleFeatures",
     "Split",
     "SyntheticMultimodal",
+    "TableDataModule",
     "prepare_mfeat",
 ]

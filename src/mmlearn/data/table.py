@@ -1,0 +1,295 @@
+"""``TableDataModule``: a user's own data, one row per sample, modalities as groups of columns.
+
+Reads CSV (header row), Parquet (``pip install pyarrow``) or NPZ (one array per column; a 2-D
+``[N, D]`` array counts as D columns). Modalities are named groups of columns, listed
+(``modalities``) or by prefix (``modality_prefixes``); the label column holds strings or
+integers. The class list is fixed when the data is first read and written into the run's
+``config.yaml`` (``classes``), so ``mmlearn test``/``predict`` from that config map labels the same
+way and predictions are written with their class names.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from mmlearn.data.base import SPLITS, MultimodalDataModule, Split, standardize, stratified_split
+from mmlearn.errors import MMLearnError
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+MISSING = {"", "na", "nan", "null", "none", "?"}
+
+
+def read_columns(path: Path) -> dict[str, np.ndarray]:
+    """Column name -> 1-D array (numbers as float64 where every value parses, else str)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        cols: dict[str, np.ndarray] = {}
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                arr = z[key]
+                if arr.ndim == 1:
+                    cols[key] = arr
+                elif arr.ndim == 2:
+                    cols |= {f"{key}_{j}": arr[:, j] for j in range(arr.shape[1])}
+                else:
+                    raise MMLearnError(
+                        f"{path}: array {key!r} has shape {arr.shape}; expected 1-D "
+                        "(a column) or 2-D [N, D] (D columns)"
+                    )
+        return cols
+    if suffix in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise MMLearnError(
+                f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+            ) from e
+        table = pq.read_table(path).to_pydict()
+        return {k: _column(v) for k, v in table.items()}
+    if suffix in (".csv", ".tsv", ".txt"):
+        with open(path, newline="") as f:
+            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            header = next(reader, None)
+            if not header:
+                raise MMLearnError(f"{path}: empty file; expected a header row of column names")
+            rows = list(reader)
+        for i, row in enumerate(rows):
+            if len(row) != len(header):
+                raise MMLearnError(
+                    f"{path}: line {i + 2} has {len(row)} fields, the header {len(header)}"
+                )
+        return {name: _column([r[j] for r in rows]) for j, name in enumerate(header)}
+    raise MMLearnError(
+        f"{path}: unknown table format {suffix!r}; expected .csv, .tsv, .parquet or .npz"
+    )
+
+
+def _column(values: list) -> np.ndarray:
+    """Floats (missing -> NaN) when every present value is a number, else strings."""
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, str) and v.strip().lower() in MISSING):
+            out[i] = math.nan
+            continue
+        try:
+            out[i] = float(v)
+        except (TypeError, ValueError):
+            return np.array(["" if v is None else str(v) for v in values])
+    return out
+
+
+class TableDataModule(MultimodalDataModule):
+    """Multi-modal classification from one table file.
+
+    Args:
+        path: ``.csv``/``.tsv`` (header row), ``.parquet`` or ``.npz``.
+        label_column: the column with the labels (strings or integers).
+        modalities: modality name -> its columns, e.g. ``{clinical: [age, bmi], genes: [g1, g2]}``.
+        modality_prefixes: modality name -> column prefix, e.g. ``{clinical: "clin_"}``
+            (columns in file order). Give this or ``modalities``.
+        split_column: optional column with ``train``/``val``/``test`` per row; else a split
+            stratified by label with ``val_fraction``/``test_fraction`` and ``seed``.
+        classes: the class list (label -> index = its position). ``None``: the sorted distinct
+            labels of the file; the resolved list is saved in the run's config.
+        standardize: standardise every feature with train mean/std (fitted on train only).
+        missing: a missing feature value (empty, NaN, ``NA``...): ``error`` (names the row and
+            column), ``mean`` (train mean of the column), ``zero``, or ``drop`` (the row).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        label_column: str,
+        modalities: dict[str, list[str]] | None = None,
+        modality_prefixes: dict[str, str] | None = None,
+        split_column: str | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        classes: list[str] | None = None,
+        standardize: bool = True,
+        missing: Literal["error", "mean", "zero", "drop"] = "error",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if (modalities is None) == (modality_prefixes is None):
+            raise MMLearnError(
+                "TableDataModule: give data.modalities (name -> columns) or "
+                "data.modality_prefixes (name -> prefix), not both or neither"
+            )
+        self.path = Path(path)
+        self.label_column, self.split_column = label_column, split_column
+        self.modality_columns, self.modality_prefixes = modalities, modality_prefixes
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.classes = [str(c) for c in classes] if classes is not None else None
+        self.do_standardize, self.missing = standardize, missing
+        self.source = str(self.path)
+        self._columns: dict[str, np.ndarray] | None = None
+
+    # ---- reading -----------------------------------------------------------------------------
+    @property
+    def columns(self) -> dict[str, np.ndarray]:
+        if self._columns is None:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"TableDataModule: data.path {str(self.path)!r} not found")
+            self._columns = read_columns(self.path)
+            if self.label_column not in self._columns:
+                raise MMLearnError(
+                    f"{self.path}: no label column {self.label_column!r}; columns: "
+                    f"{_some(self._columns)}"
+                )
+            if self.classes is None:
+                self.classes = sorted(
+                    {_label(v) for v in self._columns[self.label_column]}, key=_natural
+                )
+                self.classes = [c for c in self.classes if c != ""]
+        return self._columns
+
+    def groups(self) -> dict[str, list[str]]:
+        """Modality -> its columns, checked against the file."""
+        cols = self.columns
+        if self.modality_columns is not None:
+            groups = {m: list(c) for m, c in self.modality_columns.items()}
+        else:
+            assert self.modality_prefixes is not None
+            groups = {
+                m: [c for c in cols if c.startswith(p) and c != self.label_column]
+                for m, p in self.modality_prefixes.items()
+            }
+        for m, names in groups.items():
+            if not names:
+                raise MMLearnError(
+                    f"{self.path}: modality {m!r} has no columns (prefix "
+                    f"{(self.modality_prefixes or {}).get(m)!r}); columns: "
+                    f"{_some(cols)}"
+                )
+            unknown = [c for c in names if c not in cols]
+            if unknown:
+                raise MMLearnError(
+                    f"{self.path}: modality {m!r} names columns {unknown} that the "
+                    f"file does not have; columns: {_some(cols)}"
+                )
+            clash = {c for c in (self.label_column, self.split_column) if c in names}
+            if clash:
+                raise MMLearnError(
+                    f"{self.path}: modality {m!r} includes {sorted(clash)}, the "
+                    "label or split column"
+                )
+            text = [c for c in names if cols[c].dtype.kind not in "fiub"]
+            if text:
+                c = text[0]
+                bad = next(i for i, v in enumerate(cols[c]) if not _is_number(v))
+                raise MMLearnError(
+                    f"{self.path}: column {c!r} (modality {m!r}) row {bad} holds "
+                    f"{str(cols[c][bad])!r}; features must be numbers"
+                )
+        return groups
+
+    @property
+    def num_classes(self) -> int:
+        _ = self.columns
+        assert self.classes is not None
+        return len(self.classes)
+
+    # ---- splits ------------------------------------------------------------------------------
+    def load_splits(self) -> dict[str, Split]:
+        cols, groups = self.columns, self.groups()
+        assert self.classes is not None
+        index = {c: i for i, c in enumerate(self.classes)}
+        labels = [_label(v) for v in cols[self.label_column]]
+        for row, lab in enumerate(labels):
+            if lab not in index:
+                what = "no label" if lab == "" else f"label {lab!r}"
+                raise MMLearnError(
+                    f"{self.path}: row {row} has {what}; known classes: {self.classes[:20]}"
+                )
+        target = torch.tensor([index[lab] for lab in labels], dtype=torch.int64)
+        inputs = {
+            m: torch.from_numpy(np.stack([cols[c].astype(np.float64) for c in names], 1)).float()
+            for m, names in groups.items()
+        }
+        keep = torch.ones(len(target), dtype=torch.bool)
+        for m, x in inputs.items():
+            bad = ~torch.isfinite(x)
+            if bad.any() and self.missing == "error":
+                row, j = (int(v) for v in bad.nonzero()[0])
+                raise MMLearnError(
+                    f"{self.path}: row {row}, column {groups[m][j]!r} (modality "
+                    f"{m!r}) is missing or not finite; set data.missing to mean, "
+                    "zero or drop"
+                )
+            if self.missing == "drop":
+                keep &= ~bad.any(1)
+        idx = self._split_indices(target, keep)
+        splits = {s: Split({m: x[i] for m, x in inputs.items()}, target[i]) for s, i in idx.items()}
+        if self.missing in ("mean", "zero"):
+            for m in inputs:
+                train = splits["train"].inputs[m]
+                fill = torch.nanmean(torch.where(torch.isfinite(train), train, torch.nan), 0)
+                fill = torch.nan_to_num(fill) if self.missing == "mean" else torch.zeros_like(fill)
+                for split in splits.values():
+                    x = split.inputs[m]
+                    split.inputs[m] = torch.where(torch.isfinite(x), x, fill)
+        if self.do_standardize:
+            standardize(splits)
+        return splits
+
+    def _split_indices(self, target: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.split_column is None:
+            rows = keep.nonzero().flatten()
+            idx = stratified_split(target[rows], self.val_fraction, self.test_fraction, self.seed)
+            return {s: rows[i] for s, i in idx.items()}
+        if self.split_column not in self.columns:
+            raise MMLearnError(
+                f"{self.path}: no split column {self.split_column!r}; columns: "
+                f"{_some(self.columns)}"
+            )
+        names = [str(v).strip().lower() for v in self.columns[self.split_column]]
+        for row, name in enumerate(names):
+            if name not in SPLIT_NAMES:
+                raise MMLearnError(
+                    f"{self.path}: row {row} has split {name!r} in column "
+                    f"{self.split_column!r}; expected one of {sorted(SPLIT_NAMES)}"
+                )
+        which = [SPLIT_NAMES[n] for n in names]
+        return {
+            s: torch.tensor(
+                [i for i, w in enumerate(which) if w == s and keep[i]], dtype=torch.long
+            )
+            for s in SPLITS
+        }
+
+
+def _label(v: object) -> str:
+    """Labels as strings; integral floats (a numeric column) without the ``.0``."""
+    if isinstance(v, (float, np.floating)):
+        return "" if math.isnan(v) else (str(int(v)) if float(v).is_integer() else str(v))
+    return str(v).strip()
+
+
+def _natural(s: str) -> tuple:
+    """Numbers in numeric order (2 before 10), then text."""
+    try:
+        return (0, float(s), "")
+    except ValueError:
+        return (1, 0.0, s)
+
+
+def _is_number(v: object) -> bool:
+    try:
+        float(v)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return str(v).strip().lower() in MISSING
+
+
+def _some(cols: dict[str, np.ndarray]) -> str:
+    names = list(cols)
+    return str(names[:12])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > 12 else "]")
