@@ -24,6 +24,19 @@ def mfeat_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """Debian's Fashion-MNIST (``apt-get install dataset-fashion-mnist``; ``.ci/run`` does)."""
+    from mmlearn.data.fashion import SYSTEM_DIR
+
+    if not (SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
+        msg = f"no Fashion-MNIST in {SYSTEM_DIR} (apt-get install dataset-fashion-mnist)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return SYSTEM_DIR
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     """``seed_everything`` sets ``PL_GLOBAL_SEED`` (DataModules follow it): start clean."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from mmlearn.data.fashion import prepare_fashion_mnist
 from mmlearn.data.mfeat import default_root, prepare_mfeat
 
-PREPARERS = {"mfeat": prepare_mfeat}
+PREPARERS = {"mfeat": prepare_mfeat, "fashion-mnist": prepare_fashion_mnist}
 
 
 def prepare_main(argv: Sequence[str]) -> int:

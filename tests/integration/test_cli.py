@@ -49,6 +49,8 @@ def test_every_data_module_config_runs_fast_dev_run(
     monkeypatch.chdir(REPO)  # example files are named relative to the repository root
     if "mfeat" in path.name:
         request.getfixturevalue("mfeat_env")
+    if "fashion" in path.name:
+        request.getfixturevalue("fashion_dir")
     cli = run_cli("fit", "--model", "I2M2", "--data", str(path), "--trainer.fast_dev_run=true")
     assert cli.trainer.state.finished
     assert cli.model.modalities == cli.datamodule.modalities

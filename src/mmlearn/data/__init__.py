@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from mmlearn.data.base import MultimodalDataModule, Split
+from mmlearn.data.fashion import FashionMNISTViews, prepare_fashion_mnist
 from mmlearn.data.mfeat import MultipleFeatures, prepare_mfeat
 from mmlearn.data.synthetic import SyntheticMultimodal
 from mmlearn.data.table import TableDataModule
 
 __all__ = [
+    "FashionMNISTViews",
+    "prepare_fashion_mnist",
     "MultimodalDataModule",
     "MultipleFeatures",
     "Split",

@@ -8,6 +8,7 @@ pass to the DataModule.
 from __future__ import annotations
 
 import csv
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,33 @@ def write_table(path: str | Path, n: int = 240, seed: int = 0) -> Path:
     else:
         raise ValueError(f"{path}: choose .csv, .parquet or .npz")
     return path
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = (0x0800 + array.ndim).to_bytes(4, "big")
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(magic + dims + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(
+    root: str | Path, n_train: int = 300, n_test: int = 100, seed: int = 0
+) -> Path:
+    """``root/fashion-mnist/`` with the four gzip'd IDX files of Fashion-MNIST, in miniature.
+
+    Class ``y`` lights a bar in row band ``y`` of the top half and column band ``y`` of the bottom
+    half (plus noise), so each half alone tells the class apart.
+    """
+    out = Path(root) / "fashion-mnist"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        x = rng.integers(0, 60, size=(n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, c : c + 3, :] += 150  # rows c..c+2 (top half)
+            x[i, 14:, 2 * c : 2 * c + 3] += 150  # columns in the bottom half
+        _write_idx(out / f"{part}-images-idx3-ubyte.gz", np.clip(x, 0, 255))
+        _write_idx(out / f"{part}-labels-idx1-ubyte.gz", y)
+    return out
