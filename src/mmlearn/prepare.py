@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from mmlearn.data.avmnist import prepare_avmnist
 from mmlearn.data.fashion import prepare_fashion_mnist
 from mmlearn.data.mfeat import default_root, prepare_mfeat
 
-PREPARERS = {"mfeat": prepare_mfeat, "fashion-mnist": prepare_fashion_mnist}
+PREPARERS = {
+    "mfeat": prepare_mfeat,
+    "fashion-mnist": prepare_fashion_mnist,
+    "avmnist": prepare_avmnist,
+}
 
 
 def prepare_main(argv: Sequence[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mmlearn.data.avmnist import AVMNIST, prepare_avmnist
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.data.fashion import FashionMNISTViews, prepare_fashion_mnist
 from mmlearn.data.mfeat import MultipleFeatures, prepare_mfeat
@@ -9,6 +10,8 @@ from mmlearn.data.synthetic import SyntheticMultimodal
 from mmlearn.data.table import TableDataModule
 
 __all__ = [
+    "AVMNIST",
+    "prepare_avmnist",
     "FashionMNISTViews",
     "prepare_fashion_mnist",
     "MultimodalDataModule",

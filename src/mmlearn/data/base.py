@@ -12,13 +12,14 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmlearn.batch import collate_multimodal
+from mmlearn.batch import MultimodalBatch, collate_multimodal
 from mmlearn.data.resumable import ResumableBatchSampler, ResumableDataLoader
 from mmlearn.errors import MMLearnError
 
@@ -201,6 +202,20 @@ class MultimodalDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Compact storage to float32, on the device: uint8 -> ``x / 255``, float16 -> float32.
+
+        Large modalities (frames, spectrograms) stay uint8/float16 in memory and in the loader
+        workers, at a half or a quarter of the bytes; the conversion happens per batch on the GPU.
+        """
+        if isinstance(batch, MultimodalBatch):
+            for m, x in batch.inputs.items():
+                if x.dtype == torch.uint8:
+                    batch.inputs[m] = x.float().div_(255.0)
+                elif x.is_floating_point() and x.dtype != torch.float32:
+                    batch.inputs[m] = x.float()
+        return batch
 
 
 def standardize(splits: dict[str, Split]) -> dict[str, Split]:

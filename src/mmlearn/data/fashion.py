@@ -10,7 +10,6 @@ under ``<root>/fashion-mnist``.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from mmlearn.data.base import MultimodalDataModule, Split, standardize, stratified_split
+from mmlearn.data.manifest import check_manifest, sha256
 from mmlearn.errors import MMLearnError
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -66,27 +66,6 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
             f"{path}: header says {shape} ({int(np.prod(shape))} bytes), the file holds {data.size}"
         )
     return data.reshape(shape)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def check_manifest(folder: Path, manifest: dict[str, str]) -> None:
-    """Every file of ``manifest`` is in ``folder`` with its SHA-256, else one error naming it."""
-    for name, digest in manifest.items():
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (expected files: {sorted(manifest)})")
-        got = sha256(path)
-        if got != digest:
-            raise MMLearnError(
-                f"{path}: SHA-256 {got}, expected {digest} (a different or damaged copy)"
-            )
 
 
 def prepare_fashion_mnist(root: str, source: str | None = None) -> Path:

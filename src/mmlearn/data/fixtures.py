@@ -90,3 +90,28 @@ def write_fashion_mnist(
         _write_idx(out / f"{part}-images-idx3-ubyte.gz", np.clip(x, 0, 255))
         _write_idx(out / f"{part}-labels-idx1-ubyte.gz", y)
     return out
+
+
+def write_avmnist(root: str | Path, n_train: int = 150, n_test: int = 50, seed: int = 0) -> Path:
+    """``root/avmnist/`` in MultiBench's layout, in miniature.
+
+    Images are uint8 ``[N, 784]`` with a bright row band per class; spectrograms are float64
+    ``[N, 112, 112]`` in [0, 255] with a bright frequency band per class (MultiBench's arrays
+    come in both kinds of dtype; the reader takes either).
+    """
+    out = Path(root) / "avmnist"
+    for sub in ("image", "audio"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for part, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        img = rng.integers(0, 50, size=(n, 28, 28))
+        spec = rng.uniform(0, 60, size=(n, 112, 112))
+        for i, c in enumerate(y):
+            img[i, 2 * c + 3 : 2 * c + 6, :] += 180
+            spec[i, 10 * c + 5 : 10 * c + 12, :] += 150
+        np.save(out / "image" / f"{part}_data.npy", img.reshape(n, 784).astype(np.uint8))
+        np.save(out / "audio" / f"{part}_data.npy", spec)
+        np.save(out / f"{part}_labels.npy", y.astype(np.int64))
+    return out

@@ -1,0 +1,87 @@
+"""AVMNIST on MultiBench's layout in miniature: reading, prepare + manifest, errors, strategies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmlearn.cli import main
+from mmlearn.data import AVMNIST
+from mmlearn.data.fixtures import write_avmnist
+from mmlearn.errors import MMLearnError
+
+STRATEGIES = [
+    ["--model", "InterOnly"],
+    ["--model", "IntraOnly"],
+    ["--model", "I2M2"],
+    ["--model", "MIMO"],
+    ["--model", "BOGC"],
+    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
+]
+
+
+def test_layout_splits_and_compact_storage(tmp_path: Path) -> None:
+    write_avmnist(tmp_path)
+    dm = AVMNIST(root=str(tmp_path), val_size=30)
+    assert dm.input_shapes == {"image": [1, 28, 28], "audio": [1, 112, 112]}
+    assert [len(dm.splits[s].target) for s in ("train", "val", "test")] == [120, 30, 50]
+    # uint8 images stay uint8, float spectrograms are stored as float16 / 255
+    assert dm.splits["train"].inputs["image"].dtype == torch.uint8
+    audio = dm.splits["train"].inputs["audio"]
+    assert audio.dtype == torch.float16 and 0 <= float(audio.min()) and float(audio.max()) <= 1
+    batch = next(iter(dm.train_dataloader()))
+    batch = dm.on_after_batch_transfer(batch, 0)
+    assert {x.dtype for x in batch.inputs.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s[1])
+def test_every_strategy_fits(tmp_path: Path, run_cli, strategy) -> None:
+    write_avmnist(tmp_path)
+    cli = run_cli(
+        "fit",
+        *strategy,
+        "--data",
+        "AVMNIST",
+        f"--data.root={tmp_path}",
+        "--data.val_size=30",
+        "--trainer.fast_dev_run=true",
+    )
+    assert cli.trainer.state.finished
+
+
+def test_prepare_writes_a_manifest_that_loading_checks(tmp_path: Path, capsys) -> None:
+    src = write_avmnist(tmp_path / "download")
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", "avmnist", "--root", str(tmp_path / "data"), "--source", str(src)])
+    assert done.value.code == 0
+    folder = tmp_path / "data" / "avmnist"
+    assert (folder / "MANIFEST.json").is_file()
+    labels = folder / "test_labels.npy"
+    np.save(labels, np.zeros(49, dtype=np.int64))  # replaced after prepare: 49 labels, not 50
+    with pytest.raises(MMLearnError, match=r"test_labels.npy: \d+ bytes, the manifest recorded"):
+        _ = AVMNIST(root=str(tmp_path / "data"), val_size=30).splits
+
+
+@pytest.mark.parametrize(
+    ("file", "array", "message"),
+    [
+        ("test_labels.npy", np.zeros(49, np.int64), r"test sample counts differ"),
+        (
+            "train_labels.npy",
+            np.full(150, 10, np.int64),
+            r"sample 0 has label 10, outside \[0, 10\)",
+        ),
+        ("audio/train_data.npy", np.zeros((150, 64, 64)), r"samples of shape \[64, 64\], expected"),
+    ],
+)
+def test_bad_layouts_name_the_file(tmp_path: Path, file, array, message) -> None:
+    folder = write_avmnist(tmp_path)
+    np.save(folder / file, array)
+    with pytest.raises(MMLearnError, match=message):
+        _ = AVMNIST(root=str(tmp_path), val_size=30).splits
+    (folder / file).unlink()
+    with pytest.raises(FileNotFoundError, match="MultiBench"):
+        _ = AVMNIST(root=str(tmp_path), val_size=30).splits
