@@ -26,6 +26,7 @@ CASES = {
     "cnn": ({"channels": [4, 8]}, [1, 16, 15], lambda b: torch.randn(b, 1, 16, 15)),
     "gru": ({"hidden": 8, "bidirectional": True}, [7, 5], lambda b: torch.randn(b, 7, 5)),
     "hf": ({"config": TINY_BERT}, [9], lambda b: torch.randint(1, 50, (b, 9))),
+    "resnet18": ({"width": 4}, [2, 3, 20, 20], lambda b: torch.randn(b, 2, 3, 20, 20)),
 }
 
 
@@ -42,6 +43,10 @@ def test_encoder_contract(name: str) -> None:
     out = enc(x)
     assert out.shape == (4, 6) and enc.out_dim == 6
     assert torch.isfinite(out).all()
+    if name == "resnet18":  # a single image or spectrogram too, at ResNet-18's full width
+        full = build_encoder({"name": name}, [1, 64, 48], out_dim=6)
+        assert full(torch.randn(2, 1, 64, 48)).shape == (2, 6)
+        assert sum(p.numel() for p in full.features.parameters()) == 11_170_240
     # every parameter must receive a gradient (catches dead branches and unused modules)
     (out * torch.randn_like(out)).sum().backward()
     for pname, p in enc.named_parameters():

@@ -1,11 +1,11 @@
-"""Encoders by name: ``mlp`` (vectors), ``cnn`` (images), ``gru`` (sequences), ``hf`` (tokens).
+"""Encoders by name: ``mlp``, ``cnn``, ``resnet18`` (images, frames), ``gru``, ``hf`` (tokens).
 
 Importing this package registers all of them in :data:`ENCODERS`.
 """
 
 from __future__ import annotations
 
-from mmlearn.encoders import conv, huggingface, mlp, sequence  # noqa: F401  (registration)
+from mmlearn.encoders import conv, huggingface, mlp, resnet, sequence  # noqa: F401  (registration)
 from mmlearn.encoders.registry import (
     ENCODERS,
     Encoder,
