@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from mmlearn.data.av_clips import prepare_av_clips
 from mmlearn.data.avmnist import prepare_avmnist
 from mmlearn.data.fashion import prepare_fashion_mnist
 from mmlearn.data.mfeat import default_root, prepare_mfeat
@@ -13,6 +14,9 @@ PREPARERS = {
     "mfeat": prepare_mfeat,
     "fashion-mnist": prepare_fashion_mnist,
     "avmnist": prepare_avmnist,
+    # decode the clips once into the memory-mapped cache (root/<name>/cache)
+    "crema-d": lambda root, source: prepare_av_clips(root, "crema-d"),
+    "kinetics-sounds": lambda root, source: prepare_av_clips(root, "kinetics-sounds"),
 }
 
 

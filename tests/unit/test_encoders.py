@@ -87,7 +87,7 @@ def test_encoder_errors_name_the_problem() -> None:
     with pytest.raises(MMLearnError, match=r"no option\(s\) \['depth'\]"):
         build_encoder({"name": "mlp", "depth": 3}, [4], 3)
     with pytest.raises(MMLearnError, match="no default encoder"):
-        build_encoder(None, [1, 2, 3, 4], 3)
+        build_encoder(None, [1, 2, 3, 4, 5], 3)
 
 
 def test_pretrained_minilm_is_a_real_text_tower() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mmlearn.data.av_clips import AudioVisualClips, prepare_av_clips
 from mmlearn.data.avmnist import AVMNIST, prepare_avmnist
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.data.fashion import FashionMNISTViews, prepare_fashion_mnist
@@ -10,6 +11,8 @@ from mmlearn.data.synthetic import SyntheticMultimodal
 from mmlearn.data.table import TableDataModule
 
 __all__ = [
+    "AudioVisualClips",
+    "prepare_av_clips",
     "AVMNIST",
     "prepare_avmnist",
     "FashionMNISTViews",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import gzip
+import wave
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,4 +116,51 @@ def write_avmnist(root: str | Path, n_train: int = 150, n_test: int = 50, seed: 
         np.save(out / "image" / f"{part}_data.npy", img.reshape(n, 784).astype(np.uint8))
         np.save(out / "audio" / f"{part}_data.npy", spec)
         np.save(out / f"{part}_labels.npy", y.astype(np.int64))
+    return out
+
+
+def write_av_clips(
+    root: str | Path,
+    name: str = "crema-d",
+    n_train: int = 36,
+    n_test: int = 12,
+    frames: int = 3,
+    frame_size: tuple[int, int] = (64, 48),
+    seconds: float = 1.0,
+    rate: int = 16000,
+    classes: Sequence[str] = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG"),
+    seed: int = 0,
+) -> Path:
+    """``root/name/`` in the OGM-GE layout: ``{train,test}.csv``, JPEG frames, 16-bit WAVs.
+
+    Class ``c`` tints the frames with its own colour and sounds a tone of ``220 * (c + 1)`` Hz.
+    With ``frame_size=(480, 360)``, ``seconds=2.5`` and 3 frames the clips have CREMA-D's sizes.
+    """
+    from PIL import Image
+
+    out = Path(root) / name
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            c = i % len(classes)
+            clip = f"{split}_{i:04d}_{classes[c]}"
+            rows.append([clip, classes[c]])
+            folder = out / "visual" / "Image-01-FPS" / clip
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([(c * 40) % 256, (255 - c * 40) % 256, (c * 90) % 256])
+            for k in range(frames):
+                noise = rng.integers(0, 60, size=(frame_size[1], frame_size[0], 3))
+                pixels = np.clip(noise + colour * 0.7, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"frame_{k:05d}.jpg", quality=90)
+            wav = np.sin(2 * np.pi * 220 * (c + 1) * t) * 0.5 + rng.normal(0, 0.05, t.size)
+            (out / "audio").mkdir(parents=True, exist_ok=True)
+            with wave.open(str(out / "audio" / f"{clip}.wav"), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(rate)
+                w.writeframes((np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes())
+        with open(out / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
     return out

@@ -30,7 +30,7 @@ ENCODERS: dict[str, type[Encoder]] = {}
 E = TypeVar("E", bound=type[Encoder])
 
 # Which encoder a modality gets when the config names none, by the rank of its input shape.
-DEFAULT_BY_RANK: dict[int, str] = {1: "mlp", 2: "gru", 3: "cnn"}
+DEFAULT_BY_RANK: dict[int, str] = {1: "mlp", 2: "gru", 3: "cnn", 4: "resnet18"}
 
 
 def register_encoder(name: str) -> Callable[[E], E]:
@@ -51,7 +51,8 @@ def default_encoder_name(input_shape: Sequence[int]) -> str:
     if rank not in DEFAULT_BY_RANK:
         raise MMLearnError(
             f"no default encoder for input shape {list(input_shape)} (rank {rank}); expected rank "
-            f"1 (vector -> mlp), 2 (sequence [T, D] -> gru) or 3 (image [C, H, W] -> cnn). "
+            f"1 (vector -> mlp), 2 (sequence [T, D] -> gru), 3 (image [C, H, W] -> cnn) or 4 "
+            f"(frames [T, C, H, W] -> resnet18). "
             f"Name an encoder for this modality in model.encoders."
         )
     return DEFAULT_BY_RANK[rank]

@@ -1,0 +1,342 @@
+"""Audio-visual clips (CREMA-D, Kinetics-Sounds) in the layout the OGM-GE / MMPareto line prepares.
+
+OGM-GE (Peng et al., CVPR 2022) and MMPareto (Wei and Hu, ICML 2024) read, per dataset::
+
+    <root>/<name>/train.csv, test.csv [, val.csv]   rows ``clip,label`` (a header row is optional)
+    <root>/<name>/visual/Image-01-FPS/<clip>/*.jpg  frames extracted at 1 frame per second
+    <root>/<name>/audio/<clip>.wav                  the clip's sound (PCM WAV)
+
+Decoding JPEGs and computing spectrograms at every step starves a GPU, so the first use (Lightning's
+``prepare_data``, once per node; or ``mmlearn prepare crema-d``) decodes every clip once into
+``<name>/cache/``: ``<split>_frames.npy`` (uint8 ``[N, T, 3, S, S]``), ``<split>_spec.npy``
+(float16 log-magnitude spectrograms ``[N, 1, F, W]`` from ``torch.stft``), ``<split>_labels.npy``,
+``meta.json`` (the decoding settings) and ``MANIFEST.json``. Training memory-maps those arrays.
+The spectrogram follows OGM-GE: the waveform resampled to 22,050 Hz, tiled/cut to 3 s, STFT with
+n_fft 512 and hop 353 (Hann window), ``log(|X| + 1e-7)`` -> ``[1, 257, 188]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import wave
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmlearn.data.base import MultimodalDataModule, Split, stratified_split
+from mmlearn.data.manifest import check_manifest, write_manifest
+from mmlearn.data.mfeat import default_root
+from mmlearn.errors import MMLearnError
+
+CREMA_D_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE's index order
+
+
+def read_clip_list(path: Path) -> list[tuple[str, str]]:
+    """``[(clip, label), ...]`` from a ``clip,label`` CSV (a ``clip,label`` header is skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"clip list {path} not found")
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (["clip", "label"], ["id", "label"]):
+        rows = rows[1:]
+    out = []
+    for i, row in enumerate(rows):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise MMLearnError(f"{path}: line {i + 1} is {row!r}; expected `clip,label`")
+        out.append((row[0].strip(), row[1].strip()))
+    if not out:
+        raise MMLearnError(f"{path}: no clips listed")
+    return out
+
+
+def read_wav(path: Path) -> tuple[torch.Tensor, int]:
+    """Mono float waveform in [-1, 1] and its sample rate, from a PCM WAV (8/16/32-bit)."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate, width, channels = w.getframerate(), w.getsampwidth(), w.getnchannels()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError, OSError) as e:
+        raise MMLearnError(f"{path}: unreadable WAV ({e})") from e
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
+    if dtype is None:
+        raise MMLearnError(f"{path}: {8 * width}-bit samples; expected 8, 16 or 32-bit PCM")
+    x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    x = (x - 128.0) / 128.0 if width == 1 else x / float(2 ** (8 * width - 1))
+    if x.size == 0:
+        raise MMLearnError(f"{path}: the WAV holds no samples")
+    return torch.from_numpy(x.reshape(-1, channels).mean(1)), rate
+
+
+class ClipDecoder:
+    """Decodes one clip: ``num_frames`` evenly spaced JPEG frames and a log spectrogram.
+
+    Output: frames uint8 ``[T, 3, S, S]``, spectrogram float32 ``[1, n_fft // 2 + 1, W]``.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        frames_dir: str = "visual/Image-01-FPS",
+        audio_dir: str = "audio",
+        num_frames: int = 1,
+        image_size: int = 224,
+        sample_rate: int = 22050,
+        seconds: float = 3.0,
+        n_fft: int = 512,
+        hop_length: int = 353,
+    ) -> None:
+        self.folder, self.frames_dir, self.audio_dir = folder, frames_dir, audio_dir
+        self.num_frames, self.image_size = num_frames, image_size
+        self.sample_rate, self.samples = sample_rate, int(round(seconds * sample_rate))
+        self.n_fft, self.hop_length = n_fft, hop_length
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        width = 1 + self.samples // self.hop_length
+        return {
+            "visual": [self.num_frames, 3, self.image_size, self.image_size],
+            "audio": [1, self.n_fft // 2 + 1, width],
+        }
+
+    def frames(self, clip: str) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        folder = self.folder / self.frames_dir / clip
+        files = sorted(folder.glob("*.jpg")) + sorted(folder.glob("*.png"))
+        if not files:
+            raise MMLearnError(f"clip {clip!r}: no frames (*.jpg) in {folder}")
+        pick = np.linspace(0, len(files) - 1, self.num_frames).round().astype(int)
+        out = torch.empty(self.num_frames, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        for t, i in enumerate(pick):
+            try:
+                with Image.open(files[i]) as img:
+                    rgb = img.convert("RGB").resize((self.image_size, self.image_size))
+            except (UnidentifiedImageError, OSError) as e:
+                raise MMLearnError(f"clip {clip!r}: unreadable image {files[i]} ({e})") from e
+            out[t] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+        return out
+
+    def spectrogram(self, clip: str) -> torch.Tensor:
+        path = self.folder / self.audio_dir / f"{clip}.wav"
+        if not path.is_file():
+            raise MMLearnError(f"clip {clip!r}: no audio file {path}")
+        x, rate = read_wav(path)
+        if rate != self.sample_rate:  # linear resampling (OGM-GE resamples to 22,050 Hz)
+            n = max(1, int(round(len(x) * self.sample_rate / rate)))
+            x = torch.nn.functional.interpolate(x[None, None], size=n, mode="linear")[0, 0]
+        x = x.repeat(math.ceil(self.samples / len(x)))[: self.samples]  # tile short clips
+        spec = torch.stft(
+            x,
+            self.n_fft,
+            self.hop_length,
+            window=torch.hann_window(self.n_fft),
+            return_complex=True,
+        )
+        return torch.log(spec.abs() + 1e-7)[None]
+
+
+class RawClips(Dataset):
+    """Decodes every sample when it is read (the uncached path; ``prepare`` and benchmarks)."""
+
+    def __init__(self, decoder: ClipDecoder, clips: Sequence[tuple[str, int]]) -> None:
+        self.decoder, self.clips = decoder, list(clips)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        clip, label = self.clips[i]
+        visual = self.decoder.frames(clip)
+        audio = self.decoder.spectrogram(clip).half()
+        return {"visual": visual, "audio": audio}, label
+
+
+class AudioVisualClips(MultimodalDataModule):
+    """CREMA-D / Kinetics-Sounds style clips: ``visual`` frames and ``audio`` spectrogram.
+
+    Encoders: ``resnet18`` for both (set in ``data_modules/crema_d.yaml``), as in OGM-GE.
+
+    Args:
+        name: the dataset folder under ``root`` (``crema-d``, ``kinetics-sounds``, ...).
+        root: ``None``: ``$MMLEARN_DATA`` or ``./data``.
+        classes: label names in index order; ``None``: CREMA-D's order when the labels are
+            CREMA-D's, else the sorted labels of ``train.csv``.
+        frames_dir, audio_dir: sub-folders of the frames (``<clip>/*.jpg``) and the ``.wav``.
+        num_frames, image_size: frames per clip (evenly spaced) and their side after resizing.
+        sample_rate, seconds, n_fft, hop_length: the spectrogram (OGM-GE's defaults).
+        val_fraction: without a ``val.csv``, this share of ``train.csv`` (stratified, ``seed``).
+        prepare_workers: processes decoding clips when the cache is built.
+    """
+
+    def __init__(
+        self,
+        name: str = "crema-d",
+        root: str | None = None,
+        classes: list[str] | None = None,
+        frames_dir: str = "visual/Image-01-FPS",
+        audio_dir: str = "audio",
+        num_frames: int = 1,
+        image_size: int = 224,
+        sample_rate: int = 22050,
+        seconds: float = 3.0,
+        n_fft: int = 512,
+        hop_length: int = 353,
+        val_fraction: float = 0.1,
+        prepare_workers: int = 2,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.folder = Path(root if root is not None else default_root()) / name
+        self.cache = self.folder / "cache"
+        self.decoder = ClipDecoder(
+            self.folder,
+            frames_dir,
+            audio_dir,
+            num_frames,
+            image_size,
+            sample_rate,
+            seconds,
+            n_fft,
+            hop_length,
+        )
+        self.meta = {
+            "frames_dir": frames_dir,
+            "audio_dir": audio_dir,
+            "num_frames": num_frames,
+            "image_size": image_size,
+            "sample_rate": sample_rate,
+            "seconds": seconds,
+            "n_fft": n_fft,
+            "hop_length": hop_length,
+        }
+        self._classes = list(classes) if classes is not None else None
+        self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
+        self.source = str(self.folder)
+
+    # ---- what is known before any clip is decoded ----------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return ["visual", "audio"]
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        return self.decoder.shapes
+
+    @property
+    def classes(self) -> list[str]:
+        if self._classes is None:
+            labels = sorted({lab for _, lab in read_clip_list(self.folder / "train.csv")})
+            self._classes = CREMA_D_CLASSES if set(labels) <= set(CREMA_D_CLASSES) else labels
+        return self._classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def clip_lists(self) -> dict[str, list[tuple[str, int]]]:
+        """``{split: [(clip, label index)]}``; val from ``val.csv`` or split off ``train.csv``."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        lists = {}
+        for split in ("train", "val", "test"):
+            path = self.folder / f"{split}.csv"
+            if split == "val" and not path.is_file():
+                continue
+            rows = read_clip_list(path)
+            for line, (clip, label) in enumerate(rows):
+                if label not in index:
+                    raise MMLearnError(
+                        f"{path}: clip {clip!r} (line {line + 1}) has label "
+                        f"{label!r}, not in the classes {self.classes}"
+                    )
+            lists[split] = [(clip, index[label]) for clip, label in rows]
+        if "val" not in lists:
+            train = lists["train"]
+            target = torch.tensor([y for _, y in train])
+            idx = stratified_split(target, 0.0, self.val_fraction, self.seed)
+            lists["val"] = [train[i] for i in idx["test"].tolist()]
+            lists["train"] = [train[i] for i in idx["train"].tolist()]
+        return lists
+
+    # ---- the cache ---------------------------------------------------------------------------
+    def cache_is_current(self) -> bool:
+        meta = self.cache / "meta.json"
+        return meta.is_file() and json.loads(meta.read_text()) == self._cache_meta()
+
+    def _cache_meta(self) -> dict[str, Any]:
+        lists = self.clip_lists()
+        return {
+            **self.meta,
+            "classes": self.classes,
+            "clips": {s: [c for c, _ in v] for s, v in lists.items()},
+        }
+
+    def prepare_data(self) -> None:
+        """Decode every clip once into the memory-mapped cache (skipped when it is current)."""
+        if self.cache_is_current():
+            return
+        self.cache.mkdir(parents=True, exist_ok=True)
+        (self.cache / "meta.json").unlink(missing_ok=True)
+        written = []
+        for split, clips in self.clip_lists().items():
+            shapes = self.decoder.shapes
+            n = len(clips)
+            frames = np.lib.format.open_memmap(
+                self.cache / f"{split}_frames.npy",
+                mode="w+",
+                dtype=np.uint8,
+                shape=(n, *shapes["visual"]),
+            )
+            spec = np.lib.format.open_memmap(
+                self.cache / f"{split}_spec.npy",
+                mode="w+",
+                dtype=np.float16,
+                shape=(n, *shapes["audio"]),
+            )
+            loader = DataLoader(
+                RawClips(self.decoder, clips), batch_size=None, num_workers=self.prepare_workers
+            )
+            for i, (sample, _) in enumerate(loader):
+                frames[i] = sample["visual"].numpy()
+                spec[i] = sample["audio"].numpy()
+            frames.flush()
+            spec.flush()
+            del frames, spec
+            np.save(self.cache / f"{split}_labels.npy", np.array([y for _, y in clips], np.int64))
+            written += [self.cache / f"{split}_{k}.npy" for k in ("frames", "spec", "labels")]
+        write_manifest(self.cache, written)
+        (self.cache / "meta.json").write_text(json.dumps(self._cache_meta()))
+
+    def load_splits(self) -> dict[str, Split]:
+        if not self.cache_is_current():
+            raise MMLearnError(
+                f"{self.cache} is missing or was built with other settings or clip "
+                f"lists: run `mmlearn prepare {self.folder.name} --root "
+                f"{self.folder.parent}` (fit does it in prepare_data)"
+            )
+        check_manifest(self.cache, full=False)
+        splits = {}
+        for split in ("train", "val", "test"):
+            # copy-on-write memory maps: batches read only their rows, the files are never written
+            visual, audio, labels = (
+                np.load(self.cache / f"{split}_{k}.npy", mmap_mode="c")
+                for k in ("frames", "spec", "labels")
+            )
+            target = torch.from_numpy(np.asarray(labels))
+            visual, audio = torch.from_numpy(visual), torch.from_numpy(audio)
+            splits[split] = Split({"visual": visual, "audio": audio}, target)
+        return splits
+
+
+def prepare_av_clips(root: str, name: str = "crema-d") -> Path:
+    """``mmlearn prepare crema-d|kinetics-sounds``: build the cache with the default settings."""
+    dm = AudioVisualClips(name=name, root=root)
+    dm.prepare_data()
+    return dm.cache
