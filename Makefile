@@ -37,8 +37,9 @@ demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print 
 test: install data  ## run the test suite (PYTEST_ARGS=... to select)
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-bench: install  ## step cost of every strategy (CPU size); table + benchmarks/results/*.json
+bench: install  ## step cost of every strategy, loader throughput raw vs cached; benchmarks/results/*.json
 	$(PY) benchmarks/step_cost.py --size cpu
+	$(PY) benchmarks/loader_throughput.py
 
 lint: install  ## ruff and mypy
 	$(VENV)/bin/ruff check src tests
