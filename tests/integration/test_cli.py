@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from mmlearn.cli import main
-from mmlearn.data.fixtures import write_avmnist
+from mmlearn.data.fixtures import write_av_clips, write_avmnist, write_mimic
 from mmlearn.strategies import I2M2, InterOnly, IntraOnly
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +20,13 @@ EXPERIMENTS = sorted(
     p for p in (REPO / "experiments").glob("*/*.yaml") if p.parent.name not in {"sweeps", "_base"}
 )
 DATA_MODULES = sorted((REPO / "data_modules").glob("*.yaml"))
-FIXTURES = {"avmnist.yaml": (write_avmnist, ["--data.val_size=30"])}
+SMALL_CLIPS = ["--data.image_size=32", "--data.num_workers=0", "--data.prepare_workers=0"]
+FIXTURES = {
+    "avmnist.yaml": (write_avmnist, ["--data.val_size=30"]),
+    "mimic.yaml": (write_mimic, []),
+    "crema_d.yaml": (write_av_clips, SMALL_CLIPS),
+    "kinetics_sounds.yaml": (partial(write_av_clips, name="kinetics-sounds"), SMALL_CLIPS),
+}
 SYN = [
     "--data",
     "SyntheticMultimodal",

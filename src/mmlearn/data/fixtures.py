@@ -164,3 +164,36 @@ def write_av_clips(
         with open(out / f"{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows(rows)
     return out
+
+
+def write_mimic(root: str | Path, n: int = 300, seed: int = 0) -> Path:
+    """``root/mimic/im.pk`` with MultiBench's keys and shapes, in miniature.
+
+    Mortality class ``c`` (0..5) shifts static feature ``c % 5`` and time-series channel ``c``;
+    ICD-9 group 0 follows ``c > 2``. A few NaN/inf values appear, as in the real pickle.
+    """
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    c = np.arange(n) % 6
+    rng.shuffle(c)
+    static = rng.normal(size=(n, 5))
+    series = rng.normal(size=(n, 24, 12))
+    static[np.arange(n), c % 5] += 2.5
+    series[np.arange(n), :, c] += 1.5
+    static[0, 1], series[1, 3, 2] = np.nan, np.inf
+    labels = np.zeros((n, 6))
+    labels[c > 0, c[c > 0]] = 1
+    icd9 = rng.integers(0, 2, size=(n, 20)).astype(np.float64)
+    icd9[:, 0] = c > 2
+    data = {
+        "adm_features_all": static,
+        "ep_tdata": series,
+        "adm_labels_all": labels,
+        "y_icd9": icd9,
+    }
+    out = Path(root) / "mimic"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "im.pk", "wb") as f:
+        pickle.dump(data, f)
+    return out / "im.pk"

@@ -1,0 +1,109 @@
+"""MIMIC-III as MultiBench packages it: static admission features + 24 hours of vital signs.
+
+MultiBench (Liang et al., NeurIPS 2021 Datasets and Benchmarks) ships MIMIC-III (Johnson et al.
+2016) preprocessed as one pickle, ``im.pk``, a dict with
+
+- ``adm_features_all`` ``[N, 5]``: static admission features (age, 3 chronic conditions, type);
+- ``ep_tdata`` ``[N, 24, 12]``: hourly time series over the first 24 hours;
+- ``adm_labels_all`` ``[N, 6]``: admission outcomes (mortality task: the first positive of
+  columns 1..5 is the class, none -> class 0; 6 classes);
+- ``y_icd9`` ``[N, 20]``: ICD-9 code groups (task ``k`` in 0..19: binary, group ``k`` present).
+
+MIMIC-III is credentialed data (PhysioNet): only this reader and a generated miniature ship.
+As in MultiBench, inf/NaN become 0 and 10% / 10% of the shuffled admissions are validation /
+test; unlike MultiBench, the standardisation uses training statistics only.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmlearn.data.base import MultimodalDataModule, Split, standardize
+from mmlearn.data.manifest import check_manifest
+from mmlearn.errors import MMLearnError
+
+KEYS = {"adm_features_all": 2, "ep_tdata": 3, "adm_labels_all": 2, "y_icd9": 2}
+
+
+def read_mimic(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of MultiBench's ``im.pk``, checked (keys, ranks, matching sample counts)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MIMIC: {path} not found; MIMIC-III needs PhysioNet credentials: build MultiBench's "
+            "im.pk (github.com/pliang279/MultiBench, datasets/mimic) and pass data.path"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f)  # MultiBench's format; open only files you made or trust
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+        raise MMLearnError(f"{path}: not a readable pickle ({e})") from e
+    if not isinstance(data, dict):
+        raise MMLearnError(f"{path}: holds a {type(data).__name__}; expected MultiBench's dict")
+    out = {}
+    for key, rank in KEYS.items():
+        if key not in data:
+            raise MMLearnError(f"{path}: key {key!r} missing; keys: {sorted(data)}")
+        arr = np.asarray(data[key], dtype=np.float64)
+        if arr.ndim != rank:
+            raise MMLearnError(f"{path}: {key!r} has shape {list(arr.shape)}; expected rank {rank}")
+        out[key] = arr
+    counts = {k: len(v) for k, v in out.items()}
+    if len(set(counts.values())) != 1:
+        raise MMLearnError(f"{path}: sample counts differ between keys: {counts}")
+    return out
+
+
+class MIMIC(MultimodalDataModule):
+    """MultiBench's MIMIC-III: ``static`` ``[5]`` (MLP) and ``timeseries`` ``[24, 12]`` (GRU).
+
+    Args:
+        path: MultiBench's ``im.pk``; ``None``: ``$MMLEARN_DATA/mimic/im.pk`` (or ``./data``).
+        task: ``-1`` mortality (6 classes, MultiBench's task -1) or ``0..19``: ICD-9 group ``k``
+            (binary).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        task: int = -1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if not -1 <= task <= 19:
+            raise MMLearnError(f"MIMIC.task={task}; expected -1 (mortality) or 0..19 (ICD-9 group)")
+        root = Path(os.environ.get("MMLEARN_DATA", "data"))
+        self.path = Path(path) if path is not None else root / "mimic" / "im.pk"
+        self.task = task
+        self.source = str(self.path)
+
+    @property
+    def num_classes(self) -> int:
+        return 6 if self.task < 0 else 2
+
+    def load_splits(self) -> dict[str, Split]:
+        check_manifest(self.path.parent, full=False)
+        data = read_mimic(self.path)
+        static = np.nan_to_num(data["adm_features_all"], nan=0.0, posinf=0.0, neginf=0.0)
+        series = np.nan_to_num(data["ep_tdata"], nan=0.0, posinf=0.0, neginf=0.0)
+        if self.task < 0:
+            outcome = data["adm_labels_all"][:, 1:6] > 0
+            y = np.where(outcome.any(1), outcome.argmax(1) + 1, 0)
+        else:
+            y = (data["y_icd9"][:, self.task] > 0).astype(np.int64)
+        n = len(y)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        parts = {"val": order[: n // 10], "test": order[n // 10 : n // 5], "train": order[n // 5 :]}
+        x_s = torch.from_numpy(static).float()
+        x_t = torch.from_numpy(series).float()
+        target = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        splits = {
+            s: Split({"static": x_s[i], "timeseries": x_t[i]}, target[i]) for s, i in parts.items()
+        }
+        return standardize(splits)
