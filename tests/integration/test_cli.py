@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mmlearn.cli import main
-from mmlearn.data.fixtures import write_av_clips, write_avmnist, write_mimic
+from mmlearn.data.fixtures import write_av_clips, write_avmnist, write_image_text, write_mimic
 from mmlearn.strategies import I2M2, InterOnly, IntraOnly
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +26,16 @@ FIXTURES = {
     "mimic.yaml": (write_mimic, []),
     "crema_d.yaml": (write_av_clips, SMALL_CLIPS),
     "kinetics_sounds.yaml": (partial(write_av_clips, name="kinetics-sounds"), SMALL_CLIPS),
+    "image_text.yaml": (
+        write_image_text,
+        [
+            "--data.image_size=24",
+            "--data.num_workers=0",
+            "--data.prepare_workers=0",
+            "--data.val_fraction=0.25",
+            '--model.encoders={"text": {"name": "hf", "pretrained": "minilm"}}',
+        ],
+    ),
 }
 SYN = [
     "--data",

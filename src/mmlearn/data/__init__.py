@@ -6,12 +6,14 @@ from mmlearn.data.av_clips import AudioVisualClips, prepare_av_clips
 from mmlearn.data.avmnist import AVMNIST, prepare_avmnist
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.data.fashion import FashionMNISTViews, prepare_fashion_mnist
+from mmlearn.data.image_text import ImageText
 from mmlearn.data.mfeat import MultipleFeatures, prepare_mfeat
 from mmlearn.data.mimic import MIMIC
 from mmlearn.data.synthetic import SyntheticMultimodal
 from mmlearn.data.table import TableDataModule
 
 __all__ = [
+    "ImageText",
     "MIMIC",
     "AudioVisualClips",
     "prepare_av_clips",

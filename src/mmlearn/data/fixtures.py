@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import wave
 from collections.abc import Sequence
 from pathlib import Path
@@ -197,3 +198,39 @@ def write_mimic(root: str | Path, n: int = 300, seed: int = 0) -> Path:
     with open(out / "im.pk", "wb") as f:
         pickle.dump(data, f)
     return out / "im.pk"
+
+
+IMAGE_TEXT_CLASSES = ("pizza", "ramen", "salad")
+
+
+def write_image_text(
+    root: str | Path,
+    name: str = "image-text",
+    n_train: int = 36,
+    n_test: int = 12,
+    size: int = 40,
+    seed: int = 0,
+) -> Path:
+    """``root/name/`` with ``{train,test}.jsonl`` and JPEGs: a UPMC-Food-101-style miniature.
+
+    Class ``c`` tints its image with its own colour and its caption names the dish.
+    """
+    from PIL import Image
+
+    out = Path(root) / name
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ["tasty", "fresh", "homemade", "spicy", "warm"]
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = []
+        for i in range(n):
+            c = i % len(IMAGE_TEXT_CLASSES)
+            dish = IMAGE_TEXT_CLASSES[c]
+            colour = np.array([[200, 60, 40], [230, 200, 90], [60, 180, 70]][c])
+            pixels = np.clip(rng.integers(0, 70, size=(size, size, 3)) + colour * 0.7, 0, 255)
+            rel = f"images/{split}_{i:04d}.jpg"
+            Image.fromarray(pixels.astype(np.uint8)).save(out / rel, quality=90)
+            text = f"a {rng.choice(words)} plate of {dish}"
+            lines.append(json.dumps({"image": rel, "text": text, "label": dish}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out

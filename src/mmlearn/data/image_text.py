@@ -1,0 +1,251 @@
+"""Image + text classification from JSONL (UPMC Food-101, MM-IMDb, Hateful Memes style).
+
+Layout (``<root>/<name>/``)::
+
+    train.jsonl, test.jsonl [, val.jsonl]   one JSON object per line, e.g.
+        {"image": "images/123.jpg", "text": "a bowl of pho", "label": "pho"}
+    images/...                              paths in the records are relative to <name>/
+
+The keys are configurable (Hateful Memes: ``image_key: img``). Like ``AudioVisualClips``, the
+first use (``prepare_data``) decodes every image once (resized to ``image_size``, uint8) and
+tokenises every text with a ``transformers`` tokenizer (``max_length``, padded with 0) into
+``<name>/cache/`` memory maps, with ``meta.json`` and ``MANIFEST.json``. Pair the ``text`` modality
+with the ``hf`` encoder (``pretrained: minilm``: the offline all-MiniLM-L6-v2, whose tokenizer is
+the default here) and ``image`` with ``cnn`` or ``resnet18``.
+
+Single-label targets only: a record whose label is a list (MM-IMDb's genres) is refused with a
+clear error; multi-label training is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmlearn.data.base import MultimodalDataModule, Split, stratified_split
+from mmlearn.data.manifest import check_manifest, write_manifest
+from mmlearn.data.mfeat import default_root
+from mmlearn.errors import MMLearnError
+
+Record = tuple[str, str, str, str]  # image path, text, label, "file:line" (for errors)
+
+
+def read_jsonl(path: Path, image_key: str, text_key: str, label_key: str) -> list[Record]:
+    """``[(image, text, label, where)]`` from one JSONL file, every line checked."""
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} not found")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MMLearnError(f"{where}: not JSON ({e.msg})") from e
+        missing = [k for k in (image_key, text_key, label_key) if k not in rec]
+        if missing:
+            raise MMLearnError(f"{where}: keys {missing} missing; the record has {sorted(rec)}")
+        label = rec[label_key]
+        if isinstance(label, list):
+            raise MMLearnError(
+                f"{where}: label {label!r} is a list; multi-label targets are not "
+                "supported yet (one label per record)"
+            )
+        out.append((str(rec[image_key]), str(rec[text_key]), str(label), where))
+    if not out:
+        raise MMLearnError(f"{path}: no records")
+    return out
+
+
+def load_tokenizer(name: str) -> Any:
+    """A local ``transformers`` tokenizer: ``minilm`` (the offline package) or a directory."""
+    from transformers import AutoTokenizer
+
+    from mmlearn.encoders.huggingface import minilm_path
+
+    path = minilm_path() if name == "minilm" else Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer {name!r}: {path} is not a directory")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+class _Images(Dataset):
+    def __init__(self, folder: Path, records: list[Record], size: int) -> None:
+        self.folder, self.records, self.size = folder, records, size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        image, _, _, where = self.records[i]
+        path = self.folder / image
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((self.size, self.size))
+        except FileNotFoundError as e:
+            raise MMLearnError(f"{where}: image {path} not found") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise MMLearnError(f"{where}: unreadable image {path} ({e})") from e
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
+class ImageText(MultimodalDataModule):
+    """``image`` ``[3, S, S]`` (uint8, scaled on the device) and ``text`` token ids ``[L]``.
+
+    Args:
+        name: the dataset folder under ``root``.
+        root: ``None``: ``$MMLEARN_DATA`` or ``./data``.
+        image_key, text_key, label_key: the record keys.
+        classes: label names in index order; ``None``: the sorted labels of ``train.jsonl``
+            (saved in the run's config).
+        image_size: side of the resized images.
+        tokenizer: ``minilm`` or a local tokenizer directory.
+        max_length: tokens per text (truncated / padded with 0).
+        val_fraction: without ``val.jsonl``, this share of train (stratified, ``seed``).
+        prepare_workers: processes decoding images when the cache is built.
+    """
+
+    def __init__(
+        self,
+        name: str = "image-text",
+        root: str | None = None,
+        image_key: str = "image",
+        text_key: str = "text",
+        label_key: str = "label",
+        classes: list[str] | None = None,
+        image_size: int = 224,
+        tokenizer: str = "minilm",
+        max_length: int = 64,
+        val_fraction: float = 0.1,
+        prepare_workers: int = 2,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.folder = Path(root if root is not None else default_root()) / name
+        self.cache = self.folder / "cache"
+        self.keys = (image_key, text_key, label_key)
+        self.classes = list(classes) if classes is not None else None
+        self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length
+        self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
+        self.source = str(self.folder)
+
+    @property
+    def modalities(self) -> list[str]:
+        return ["image", "text"]
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        return {"image": [3, self.image_size, self.image_size], "text": [self.max_length]}
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes is None:
+            train = read_jsonl(self.folder / "train.jsonl", *self.keys)
+            self.classes = sorted({label for _, _, label, _ in train})
+        return len(self.classes)
+
+    def records(self) -> dict[str, list[tuple[Record, int]]]:
+        """``{split: [(record, label index)]}``; val from ``val.jsonl`` or split off train."""
+        self.num_classes  # noqa: B018  (fixes the class list)
+        assert self.classes is not None
+        index = {c: i for i, c in enumerate(self.classes)}
+        out = {}
+        for split in ("train", "val", "test"):
+            path = self.folder / f"{split}.jsonl"
+            if split == "val" and not path.is_file():
+                continue
+            recs = read_jsonl(path, *self.keys)
+            for rec in recs:
+                if rec[2] not in index:
+                    raise MMLearnError(
+                        f"{rec[3]}: label {rec[2]!r} is not among the classes {self.classes[:20]}"
+                    )
+            out[split] = [(r, index[r[2]]) for r in recs]
+        if "val" not in out:
+            train = out["train"]
+            idx = stratified_split(
+                torch.tensor([y for _, y in train]), 0.0, self.val_fraction, self.seed
+            )
+            out["val"] = [train[i] for i in idx["test"].tolist()]
+            out["train"] = [train[i] for i in idx["train"].tolist()]
+        return out
+
+    def _meta(self) -> dict[str, Any]:
+        recs = self.records()
+        return {
+            "keys": list(self.keys),
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "tokenizer": self.tokenizer,
+            "max_length": self.max_length,
+            "records": {s: [r[3] for r, _ in v] for s, v in recs.items()},
+        }
+
+    def cache_is_current(self) -> bool:
+        meta = self.cache / "meta.json"
+        return meta.is_file() and json.loads(meta.read_text()) == self._meta()
+
+    def prepare_data(self) -> None:
+        """Decode and tokenise everything once into the cache (skipped when it is current)."""
+        if self.cache_is_current():
+            return
+        tok = load_tokenizer(self.tokenizer)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        (self.cache / "meta.json").unlink(missing_ok=True)
+        written = []
+        for split, items in self.records().items():
+            recs = [r for r, _ in items]
+            shape = (len(recs), 3, self.image_size, self.image_size)
+            images = np.lib.format.open_memmap(
+                self.cache / f"{split}_image.npy", mode="w+", dtype=np.uint8, shape=shape
+            )
+            loader = DataLoader(
+                _Images(self.folder, recs, self.image_size),
+                batch_size=None,
+                num_workers=self.prepare_workers,
+            )
+            for i, img in enumerate(loader):
+                images[i] = img.numpy()
+            images.flush()
+            del images
+            ids = tok(
+                [r[1] for r in recs],
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="np",
+            )["input_ids"]
+            np.save(self.cache / f"{split}_text.npy", ids.astype(np.int64))
+            np.save(self.cache / f"{split}_labels.npy", np.array([y for _, y in items], np.int64))
+            written += [self.cache / f"{split}_{k}.npy" for k in ("image", "text", "labels")]
+        write_manifest(self.cache, written)
+        (self.cache / "meta.json").write_text(json.dumps(self._meta()))
+
+    def load_splits(self) -> dict[str, Split]:
+        if not self.cache_is_current():
+            raise MMLearnError(
+                f"{self.cache} is missing or out of date: fit builds it in "
+                "prepare_data (or call ImageText(...).prepare_data())"
+            )
+        check_manifest(self.cache, full=False)
+        splits = {}
+        for split in ("train", "val", "test"):
+            image, text, labels = (
+                np.load(self.cache / f"{split}_{k}.npy", mmap_mode="c")
+                for k in ("image", "text", "labels")
+            )
+            splits[split] = Split(
+                {"image": torch.from_numpy(image), "text": torch.from_numpy(np.asarray(text))},
+                torch.from_numpy(np.asarray(labels)),
+            )
+        return splits

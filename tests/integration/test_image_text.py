@@ -1,0 +1,136 @@
+"""ImageText on a Food-101-style JSONL miniature: cache, tokens, errors, every strategy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmlearn.data import ImageText
+from mmlearn.data.fixtures import IMAGE_TEXT_CLASSES, write_image_text
+from mmlearn.errors import MMLearnError
+
+# a tiny BERT over the MiniLM tokenizer's vocabulary: real tokens, a model that trains in ms
+TINY = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+}
+ENCODERS = "--model.encoders=" + json.dumps(
+    {"text": {"name": "hf", "config": TINY}, "image": {"name": "cnn", "channels": [8, 16]}}
+)
+SMALL = [
+    "--data.image_size=24",
+    "--data.max_length=16",
+    "--data.num_workers=0",
+    "--data.prepare_workers=0",
+    "--data.val_fraction=0.25",
+]
+STRATEGIES = [
+    ["--model", "InterOnly"],
+    ["--model", "IntraOnly"],
+    ["--model", "I2M2"],
+    ["--model", "MIMO"],
+    ["--model", "BOGC"],
+    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
+]
+
+
+def make(tmp_path: Path, **kw) -> ImageText:
+    args = {"image_size": 24, "max_length": 16, "prepare_workers": 0, "num_workers": 0, "seed": 0}
+    return ImageText(root=str(tmp_path), **{**args, **kw})
+
+
+def test_cache_holds_images_and_minilm_tokens(tmp_path: Path) -> None:
+    write_image_text(tmp_path)
+    dm = make(tmp_path)
+    assert dm.classes is None and dm.num_classes == 3 and dm.classes == sorted(IMAGE_TEXT_CLASSES)
+    dm.prepare_data()
+    splits = dm.splits
+    assert [len(splits[s].target) for s in ("train", "val", "test")] == [33, 3, 12]
+    assert splits["train"].inputs["image"].shape[1:] == (3, 24, 24)
+    text = splits["test"].inputs["text"]
+    assert text.dtype == torch.int64 and text.shape == (12, 16)
+    assert int(text[0, 0]) == 101 and int(text[0, -1]) == 0  # [CLS] first, padding 0 last
+    # the caption of test record 0 names its dish: its token is in the ids
+    from mmlearn.data.image_text import load_tokenizer
+
+    dish = IMAGE_TEXT_CLASSES[0]
+    assert load_tokenizer("minilm").convert_tokens_to_ids(dish) in text[0].tolist()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s[1])
+def test_every_strategy_fits(tmp_path: Path, run_cli, strategy) -> None:
+    write_image_text(tmp_path)
+    cli = run_cli(
+        "fit",
+        *strategy,
+        "--data",
+        "ImageText",
+        f"--data.root={tmp_path}",
+        *SMALL,
+        ENCODERS,
+        "--trainer.fast_dev_run=true",
+    )
+    assert cli.trainer.state.finished
+
+
+def test_the_miniature_is_learnable(tmp_path: Path, run_cli) -> None:
+    write_image_text(tmp_path, n_train=90)
+    cli = run_cli(
+        "fit",
+        "--model",
+        "I2M2",
+        "--data",
+        "ImageText",
+        f"--data.root={tmp_path}",
+        *SMALL,
+        ENCODERS,
+        "--trainer.max_epochs=10",
+        "--seed_everything=0",
+        "--model.optimizer.init_args.lr=0.01",
+    )
+    metrics = {
+        k: round(float(v), 3) for k, v in cli.trainer.callback_metrics.items() if "val/acc" in k
+    }
+    assert metrics["val/acc"] > 0.9 and metrics["val/acc/image"] > 0.5, metrics
+    assert metrics["val/acc/text"] > 0.5, metrics  # chance is 1/3
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", r"train.jsonl:2: not JSON"),
+        ('{"image": "images/x.jpg", "text": "t"}', r"train.jsonl:2: keys \['label'\] missing"),
+        ('{"image": "images/x.jpg", "text": "t", "label": ["a", "b"]}', r"multi-label targets"),
+        (
+            '{"image": "images/none.jpg", "text": "t", "label": "pizza"}',
+            r"train.jsonl:2: image .*none.jpg not found",
+        ),
+        (
+            '{"image": "train.jsonl", "text": "t", "label": "pizza"}',
+            r"train.jsonl:2: unreadable image",
+        ),
+    ],
+)
+def test_bad_records_name_the_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    folder = write_image_text(tmp_path)
+    lines = (folder / "train.jsonl").read_text().splitlines()
+    lines[1] = line
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MMLearnError, match=message):
+        make(tmp_path).prepare_data()
+
+
+def test_unknown_label_in_test(tmp_path: Path) -> None:
+    folder = write_image_text(tmp_path)
+    with open(folder / "test.jsonl", "a") as f:
+        f.write(json.dumps({"image": "images/test_0000.jpg", "text": "x", "label": "sushi"}) + "\n")
+    with pytest.raises(MMLearnError, match=r"test.jsonl:13: label 'sushi' is not among"):
+        make(tmp_path).prepare_data()
