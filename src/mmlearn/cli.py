@@ -98,7 +98,7 @@ class MMLearnCLI(LightningCLI):
             default=False,
             help="after `fit`, test the best checkpoint (by val/acc) in the same run and loggers",
         )
-        for key in ("input_shapes", "num_classes"):
+        for key in ("input_shapes", "num_classes", "multilabel"):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "predictions")

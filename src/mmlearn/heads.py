@@ -32,7 +32,9 @@ def all_present(present: Mapping[str, Tensor] | None) -> Tensor | None:
 
 
 def product_of_experts(
-    logits: Mapping[str, Tensor], present: Mapping[str, Tensor | None] | None = None
+    logits: Mapping[str, Tensor],
+    present: Mapping[str, Tensor | None] | None = None,
+    multilabel: bool = False,
 ) -> Tensor:
     """Normalised product of experts: ``log p(y|x) = lsm(sum_k lsm(z_k))``.
 
@@ -45,16 +47,21 @@ def product_of_experts(
             that sample, and the result is still a normalised distribution. A sample with no expert
             present gets the uniform distribution.
 
+        multilabel: K independent labels: the product of Bernoulli experts, renormalised per
+            label, has logit ``sum_k z_k``; returns ``log sigmoid(sum_k z_k)`` (log p(present)).
+
     Returns:
         log-probabilities ``[B, K]``.
     """
     total: Tensor | None = None
     for name, z in logits.items():
-        term = F.log_softmax(z.float(), dim=-1)
+        term = z.float() if multilabel else F.log_softmax(z.float(), dim=-1)
         mask = None if present is None else present.get(name)
         if mask is not None:
             term = term * mask.to(term.dtype).unsqueeze(-1)
         total = term if total is None else total + term
     if total is None:
         raise MMLearnError("product_of_experts needs at least one expert")
+    if multilabel:
+        return F.logsigmoid(total)
     return total - torch.logsumexp(total, dim=-1, keepdim=True)

@@ -108,7 +108,10 @@ def test_the_miniature_is_learnable(tmp_path: Path, run_cli) -> None:
     [
         ("not json", r"train.jsonl:2: not JSON"),
         ('{"image": "images/x.jpg", "text": "t"}', r"train.jsonl:2: keys \['label'\] missing"),
-        ('{"image": "images/x.jpg", "text": "t", "label": ["a", "b"]}', r"multi-label targets"),
+        (
+            '{"image": "images/x.jpg", "text": "t", "label": ["pizza"]}',
+            r"train.jsonl:1: label 'pizza'; this data has a list",
+        ),
         (
             '{"image": "images/none.jpg", "text": "t", "label": "pizza"}',
             r"train.jsonl:2: image .*none.jpg not found",
@@ -133,4 +136,67 @@ def test_unknown_label_in_test(tmp_path: Path) -> None:
     with open(folder / "test.jsonl", "a") as f:
         f.write(json.dumps({"image": "images/test_0000.jpg", "text": "x", "label": "sushi"}) + "\n")
     with pytest.raises(MMLearnError, match=r"test.jsonl:13: label 'sushi' is not among"):
+        make(tmp_path).prepare_data()
+
+
+def test_multilabel_records_train_sigmoid_heads_end_to_end(tmp_path: Path, run_cli) -> None:
+    write_image_text(tmp_path, n_train=90, multilabel=True)
+    dm = make(tmp_path)
+    assert dm.multilabel and dm.num_classes == 3
+    dm.prepare_data()
+    target = dm.splits["train"].target
+    assert target.dtype == torch.float32 and target.shape[1] == 3
+    assert set(target.sum(1).tolist()) == {1.0, 2.0}  # one or two dishes per record
+    cli = run_cli(
+        "fit",
+        "--model",
+        "I2M2",
+        "--data",
+        "ImageText",
+        f"--data.root={tmp_path}",
+        *SMALL,
+        ENCODERS,
+        "--trainer.max_epochs=10",
+        "--seed_everything=0",
+        "--model.optimizer.init_args.lr=0.01",
+    )
+    assert cli.model.multilabel  # linked from the data
+    assert float(cli.trainer.callback_metrics["val/acc"]) > 0.8  # per-label decisions
+    run = Path(cli.trainer.log_dir)
+    pred = run_cli(
+        "predict",
+        "--config",
+        str(run / "config.yaml"),
+        f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+    )
+    from mmlearn.callbacks import PredictionWriter
+
+    (writer,) = [c for c in pred.trainer.callbacks if isinstance(c, PredictionWriter)]
+    rows = writer.path.read_text().splitlines()
+    assert rows[0].startswith("sample,target,pred,p_pizza")
+    assert any("|" in r.split(",")[1] for r in rows[1:])  # two-label targets are written joined
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: s[1])
+def test_every_strategy_fits_multilabel(tmp_path: Path, run_cli, strategy) -> None:
+    write_image_text(tmp_path, multilabel=True)
+    cli = run_cli(
+        "fit",
+        *strategy,
+        "--data",
+        "ImageText",
+        f"--data.root={tmp_path}",
+        *SMALL,
+        ENCODERS,
+        "--trainer.fast_dev_run=true",
+    )
+    assert cli.trainer.state.finished and cli.model.multilabel
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_mixed_label_kinds_are_refused(tmp_path: Path) -> None:
+    folder = write_image_text(tmp_path, multilabel=True)
+    with open(folder / "test.jsonl", "a") as f:
+        f.write(json.dumps({"image": "images/test_0000.jpg", "text": "x", "label": "pizza"}) + "\n")
+    with pytest.raises(MMLearnError, match=r"test.jsonl:13: label 'pizza'; this data has a list"):
         make(tmp_path).prepare_data()

@@ -86,3 +86,24 @@ def test_forward_outputs_per_strategy() -> None:
     i2m2 = I2M2(**kw)
     joint_ids = {id(p) for p in i2m2.joint.parameters()}
     assert not joint_ids & {id(p) for p in i2m2.experts.parameters()}
+
+
+def test_multilabel_product_of_experts_adds_logits_per_label() -> None:
+    torch.manual_seed(0)
+    z = {"a": torch.randn(5, 4) * 3, "b": torch.randn(5, 4) * 3}
+    out = product_of_experts(z, multilabel=True)
+    # Bernoulli experts: p(on) / p(off) multiply, i.e. logits add; log p(on) = logsigmoid(sum)
+    torch.testing.assert_close(out, F.logsigmoid(z["a"] + z["b"]))
+    present = {"a": torch.tensor([True, False, True, True, True]), "b": None}
+    dropped = product_of_experts(z, present, multilabel=True)
+    torch.testing.assert_close(dropped[1], F.logsigmoid(z["b"][1]))
+
+
+def test_multilabel_nll_is_binary_cross_entropy() -> None:
+    model = InterOnly(input_shapes={"a": [3]}, num_classes=4, multilabel=True)
+    z = torch.tensor([[-40.0, 0.0, 3.0, 40.0], [1.0, -2.0, 0.5, 0.0]])
+    t = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]])
+    expected = F.binary_cross_entropy_with_logits(z, t)
+    torch.testing.assert_close(model.loss(z, t), expected)
+    torch.testing.assert_close(model.nll(model.log_proba(z), t), expected, atol=1e-5, rtol=1e-5)
+    assert model.predicted(model.log_proba(z)).tolist() == [[0, 0, 1, 1], [1, 0, 1, 0]]

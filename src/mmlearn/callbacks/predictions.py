@@ -1,4 +1,8 @@
-"""Write ``mmlearn predict`` output to a CSV in the run directory."""
+"""Write ``mmlearn predict`` output to a CSV in the run directory.
+
+One row per sample: target, prediction (class names where the data has them; multi-label: the
+labels joined by ``|``) and one probability per class.
+"""
 
 from __future__ import annotations
 
@@ -38,17 +42,23 @@ class PredictionWriter(BasePredictionWriter):
             # each rank writes its own rows; merging would need a gather of every prediction
             name = name.with_name(f"{name.stem}.rank{trainer.global_rank}{name.suffix}")
         log_probs = torch.cat([p["log_probs"] for p in predictions]).float()
-        target = torch.cat([p["target"] for p in predictions]).tolist()
-        pred = log_probs.argmax(-1).tolist()
+        target = torch.cat([p["target"] for p in predictions])
+        pred = torch.cat([p["pred"] for p in predictions])
         probs = log_probs.exp().tolist()
         path = Path(trainer.log_dir or ".") / name
         path.parent.mkdir(parents=True, exist_ok=True)
         # class names, where the data has them (a table's string labels)
         names = getattr(getattr(trainer, "datamodule", None), "classes", None)
         names = names or list(range(len(probs[0])))
+
+        def label(y: torch.Tensor) -> str:
+            if y.ndim == 0:
+                return str(names[int(y)])
+            return "|".join(str(names[k]) for k in y.nonzero().flatten().tolist())  # multi-hot
+
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["sample", "target", "pred", *[f"p_{k}" for k in names]])
             for i, row in enumerate(probs):
-                w.writerow([i, names[target[i]], names[pred[i]], *(f"{p:.6g}" for p in row)])
+                w.writerow([i, label(target[i]), label(pred[i]), *(f"{p:.6g}" for p in row)])
         self.path = path

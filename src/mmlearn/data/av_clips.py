@@ -275,7 +275,7 @@ class AudioVisualClips(MultimodalDataModule):
         return {
             **self.meta,
             "classes": self.classes,
-            "clips": {s: [c for c, _ in v] for s, v in lists.items()},
+            "clips": {s: [[c, y] for c, y in v] for s, v in lists.items()},
         }
 
     def prepare_data(self) -> None:

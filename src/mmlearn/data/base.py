@@ -103,6 +103,11 @@ class MultimodalDataModule(pl.LightningDataModule):
         """Number of classes K (labels are ``0..K-1``)."""
         raise NotImplementedError
 
+    @property
+    def multilabel(self) -> bool:
+        """Whether a sample may have several labels: targets are then multi-hot ``[N, K]``."""
+        return False
+
     # ---- derived facts ---------------------------------------------------------------------
     @property
     def splits(self) -> dict[str, Split]:
@@ -147,16 +152,20 @@ class MultimodalDataModule(pl.LightningDataModule):
                     f"{src}: split {name!r} has modalities {list(split.inputs)}, "
                     f"train has {modalities}"
                 )
-            if split.target.dtype != torch.int64:
-                raise MMLearnError(
-                    f"{src}: {name} labels have dtype {split.target.dtype}; need int64"
-                )
-            bad = ((split.target < 0) | (split.target >= k)).nonzero()
-            if len(bad):
-                i = int(bad[0])
-                raise MMLearnError(
-                    f"{src}: {name} sample {i} has label {int(split.target[i])}, outside [0, {k})"
-                )
+            if self.multilabel:
+                self._validate_multihot(split.target, name, k)
+            else:
+                if split.target.dtype != torch.int64:
+                    raise MMLearnError(
+                        f"{src}: {name} labels have dtype {split.target.dtype}; need int64"
+                    )
+                bad = ((split.target < 0) | (split.target >= k)).nonzero()
+                if len(bad):
+                    i = int(bad[0])
+                    raise MMLearnError(
+                        f"{src}: {name} sample {i} has label {int(split.target[i])}, "
+                        f"outside [0, {k})"
+                    )
             for m, x in split.inputs.items():
                 if x.shape[0] != n:
                     raise MMLearnError(
@@ -174,6 +183,20 @@ class MultimodalDataModule(pl.LightningDataModule):
                         f"{src}: {name} modality {m!r} has sample shape {list(x.shape[1:])}, "
                         f"train has {list(splits['train'].inputs[m].shape[1:])}"
                     )
+
+    def _validate_multihot(self, target: Tensor, name: str, k: int) -> None:
+        src = self.source or type(self).__name__
+        if target.ndim != 2 or target.shape[1] != k:
+            raise MMLearnError(
+                f"{src}: {name} multi-label targets have shape {list(target.shape)}; expected "
+                f"[N, {k}] (multi-hot)"
+            )
+        bad = ((target != 0) & (target != 1)).any(1).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise MMLearnError(
+                f"{src}: {name} sample {i} has target {target[i].tolist()}; expected 0/1 per label"
+            )
 
     # ---- Lightning hooks -------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -210,10 +210,13 @@ def write_image_text(
     n_test: int = 12,
     size: int = 40,
     seed: int = 0,
+    multilabel: bool = False,
 ) -> Path:
     """``root/name/`` with ``{train,test}.jsonl`` and JPEGs: a UPMC-Food-101-style miniature.
 
-    Class ``c`` tints its image with its own colour and its caption names the dish.
+    Class ``c`` tints its image with its own colour and its caption names the dish. With
+    ``multilabel`` (MM-IMDb style) every other record also has the next dish, named in its caption
+    only, and ``label`` is a list.
     """
     from PIL import Image
 
@@ -231,6 +234,12 @@ def write_image_text(
             rel = f"images/{split}_{i:04d}.jpg"
             Image.fromarray(pixels.astype(np.uint8)).save(out / rel, quality=90)
             text = f"a {rng.choice(words)} plate of {dish}"
-            lines.append(json.dumps({"image": rel, "text": text, "label": dish}))
+            label: str | list[str] = dish
+            if multilabel:
+                label = [dish]
+                if i % 2 == 0:
+                    label.append(IMAGE_TEXT_CLASSES[(c + 1) % len(IMAGE_TEXT_CLASSES)])
+                    text += f" with {label[1]}"
+            lines.append(json.dumps({"image": rel, "text": text, "label": label}))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return out

@@ -13,8 +13,9 @@ tokenises every text with a ``transformers`` tokenizer (``max_length``, padded w
 with the ``hf`` encoder (``pretrained: minilm``: the offline all-MiniLM-L6-v2, whose tokenizer is
 the default here) and ``image`` with ``cnn`` or ``resnet18``.
 
-Single-label targets only: a record whose label is a list (MM-IMDb's genres) is refused with a
-clear error; multi-label training is not implemented yet.
+Multi-label tasks (MM-IMDb's genres) give ``label`` as a list: when any training record does, the
+data is multi-label (``multilabel`` is linked to the model: sigmoid heads, binary cross-entropy,
+multi-hot targets ``[N, K]``), and every record's label must be a list (possibly empty).
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from mmlearn.data.manifest import check_manifest, write_manifest
 from mmlearn.data.mfeat import default_root
 from mmlearn.errors import MMLearnError
 
-Record = tuple[str, str, str, str]  # image path, text, label, "file:line" (for errors)
+# image path, text, label(s), "file:line" (for errors)
+Record = tuple[str, str, str | tuple[str, ...], str]
 
 
 def read_jsonl(path: Path, image_key: str, text_key: str, label_key: str) -> list[Record]:
     """``[(image, text, label, where)]`` from one JSONL file, every line checked."""
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} not found")
-    out = []
+    out: list[Record] = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -52,12 +54,10 @@ def read_jsonl(path: Path, image_key: str, text_key: str, label_key: str) -> lis
         if missing:
             raise MMLearnError(f"{where}: keys {missing} missing; the record has {sorted(rec)}")
         label = rec[label_key]
-        if isinstance(label, list):
-            raise MMLearnError(
-                f"{where}: label {label!r} is a list; multi-label targets are not "
-                "supported yet (one label per record)"
-            )
-        out.append((str(rec[image_key]), str(rec[text_key]), str(label), where))
+        labels: str | tuple[str, ...] = (
+            tuple(str(v) for v in label) if isinstance(label, list) else str(label)
+        )
+        out.append((str(rec[image_key]), str(rec[text_key]), labels, where))
     if not out:
         raise MMLearnError(f"{path}: no records")
     return out
@@ -138,6 +138,7 @@ class ImageText(MultimodalDataModule):
         self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length
         self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
         self.source = str(self.folder)
+        self._train: list[Record] | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -147,35 +148,57 @@ class ImageText(MultimodalDataModule):
     def input_shapes(self) -> dict[str, list[int]]:
         return {"image": [3, self.image_size, self.image_size], "text": [self.max_length]}
 
+    def _train_records(self) -> list[Record]:
+        if self._train is None:
+            self._train = read_jsonl(self.folder / "train.jsonl", *self.keys)
+        return self._train
+
+    @property
+    def multilabel(self) -> bool:
+        return any(isinstance(r[2], tuple) for r in self._train_records())
+
     @property
     def num_classes(self) -> int:
         if self.classes is None:
-            train = read_jsonl(self.folder / "train.jsonl", *self.keys)
-            self.classes = sorted({label for _, _, label, _ in train})
+            found: set[str] = set()
+            for _, _, label, _ in self._train_records():
+                found |= set(label) if isinstance(label, tuple) else {label}
+            self.classes = sorted(found)
         return len(self.classes)
 
-    def records(self) -> dict[str, list[tuple[Record, int]]]:
-        """``{split: [(record, label index)]}``; val from ``val.jsonl`` or split off train."""
+    def records(self) -> dict[str, list[tuple[Record, list[int]]]]:
+        """``{split: [(record, label indices)]}``; val from ``val.jsonl`` or split off train."""
         self.num_classes  # noqa: B018  (fixes the class list)
         assert self.classes is not None
         index = {c: i for i, c in enumerate(self.classes)}
-        out = {}
+        multi = self.multilabel
+        out: dict[str, list[tuple[Record, list[int]]]] = {}
         for split in ("train", "val", "test"):
             path = self.folder / f"{split}.jsonl"
             if split == "val" and not path.is_file():
                 continue
-            recs = read_jsonl(path, *self.keys)
-            for rec in recs:
-                if rec[2] not in index:
+            items = []
+            for rec in read_jsonl(path, *self.keys):
+                if isinstance(rec[2], tuple) != multi:
+                    want = "a list of labels" if multi else "one label"
                     raise MMLearnError(
-                        f"{rec[3]}: label {rec[2]!r} is not among the classes {self.classes[:20]}"
+                        f"{rec[3]}: label {rec[2]!r}; this data has {want} per record (as in "
+                        "train.jsonl)"
                     )
-            out[split] = [(r, index[r[2]]) for r in recs]
+                labels = rec[2] if isinstance(rec[2], tuple) else (rec[2],)
+                unknown = [lab for lab in labels if lab not in index]
+                if unknown:
+                    raise MMLearnError(
+                        f"{rec[3]}: label {unknown[0]!r} is not among the classes "
+                        f"{self.classes[:20]}"
+                    )
+                items.append((rec, [index[lab] for lab in labels]))
+            out[split] = items
         if "val" not in out:
             train = out["train"]
-            idx = stratified_split(
-                torch.tensor([y for _, y in train]), 0.0, self.val_fraction, self.seed
-            )
+            # stratified by the (first) label; a multi-label record without labels counts as 0
+            strata = torch.tensor([ys[0] if ys else 0 for _, ys in train])
+            idx = stratified_split(strata, 0.0, self.val_fraction, self.seed)
             out["val"] = [train[i] for i in idx["test"].tolist()]
             out["train"] = [train[i] for i in idx["train"].tolist()]
         return out
@@ -188,7 +211,7 @@ class ImageText(MultimodalDataModule):
             "image_size": self.image_size,
             "tokenizer": self.tokenizer,
             "max_length": self.max_length,
-            "records": {s: [r[3] for r, _ in v] for s, v in recs.items()},
+            "records": {s: [[r[3], ys] for r, ys in v] for s, v in recs.items()},
         }
 
     def cache_is_current(self) -> bool:
@@ -226,7 +249,14 @@ class ImageText(MultimodalDataModule):
                 return_tensors="np",
             )["input_ids"]
             np.save(self.cache / f"{split}_text.npy", ids.astype(np.int64))
-            np.save(self.cache / f"{split}_labels.npy", np.array([y for _, y in items], np.int64))
+            labels: np.ndarray
+            if self.multilabel:  # multi-hot [N, K]
+                labels = np.zeros((len(items), self.num_classes), np.float32)
+                for i, (_, ys) in enumerate(items):
+                    labels[i, ys] = 1.0
+            else:
+                labels = np.array([ys[0] for _, ys in items], dtype=np.int64)
+            np.save(self.cache / f"{split}_labels.npy", labels)
             written += [self.cache / f"{split}_{k}.npy" for k in ("image", "text", "labels")]
         write_manifest(self.cache, written)
         (self.cache / "meta.json").write_text(json.dumps(self._meta()))

@@ -66,6 +66,9 @@ class MultimodalModule(pl.LightningModule):
         input_shapes: modality -> shape of one sample (no batch dim). Linked from the DataModule
             by the CLI; its key order is the modality order.
         num_classes: K. Linked from the DataModule by the CLI.
+        multilabel: targets are multi-hot ``[B, K]`` (several labels per sample): every head is
+            K independent Bernoulli logits, trained with binary cross-entropy; "log-probabilities"
+            are ``log sigmoid(z)`` per label. Linked from the DataModule.
         encoders: modality -> ``{"name": <encoder>, **options}``. A modality left out gets the
             default for its input shape (MLP for vectors, CNN for images, GRU for sequences).
         embed_dim: feature size every encoder outputs.
@@ -84,6 +87,7 @@ class MultimodalModule(pl.LightningModule):
         self,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         num_classes: int | None = None,
+        multilabel: bool = False,
         encoders: Mapping[str, Mapping[str, Any]] | None = None,
         embed_dim: int = 128,
         fusion: str = "concat",
@@ -105,6 +109,7 @@ class MultimodalModule(pl.LightningModule):
         self.input_shapes = {m: [int(s) for s in shape] for m, shape in input_shapes.items()}
         self.modalities = list(self.input_shapes)
         self.num_classes = int(num_classes)
+        self.multilabel = bool(multilabel)
         self.encoder_specs = dict(encoders or {})
         unknown = sorted(set(self.encoder_specs) - set(self.modalities))
         if unknown:
@@ -118,7 +123,7 @@ class MultimodalModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.final_metrics, self.expert_metrics = stage_metrics(
-            self.num_classes, self.modalities, self.has_experts
+            self.num_classes, self.modalities, self.has_experts, self.multilabel
         )
 
     # ---- builders shared by the strategies -------------------------------------------------
@@ -163,6 +168,30 @@ class MultimodalModule(pl.LightningModule):
         """The strategy's inference rule: log-probabilities ``[B, K]``."""
         raise NotImplementedError
 
+    # ---- one label (softmax) or several (independent sigmoids) ------------------------------
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy of ``logits [B, K]``: softmax CE, or mean binary CE per label."""
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
+        return F.cross_entropy(logits, target)
+
+    def log_proba(self, logits: Tensor) -> Tensor:
+        """``log_softmax(z)``, or ``log sigmoid(z)`` (log p(label present)) when multi-label."""
+        z = logits.float()
+        return F.logsigmoid(z) if self.multilabel else F.log_softmax(z, dim=-1)
+
+    def nll(self, log_probs: Tensor, target: Tensor) -> Tensor:
+        """Negative log-likelihood of ``target`` under :meth:`log_proba`-style output."""
+        if not self.multilabel:
+            return F.nll_loss(log_probs, target)
+        t = target.to(log_probs.dtype)
+        log_not = torch.log((-torch.expm1(log_probs)).clamp_min(1e-12))  # log(1 - p), stable
+        return -(t * log_probs + (1 - t) * log_not).mean()
+
+    def predicted(self, log_probs: Tensor) -> Tensor:
+        """Class indices ``[B]``, or a multi-hot ``[B, K]`` (p > 0.5) when multi-label."""
+        return (log_probs.exp() > 0.5).long() if self.multilabel else log_probs.argmax(-1)
+
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """What automatic optimisation back-propagates: the sum of the objectives by default."""
         return torch.stack(list(losses.values())).sum()
@@ -184,6 +213,12 @@ class MultimodalModule(pl.LightningModule):
         if k != self.num_classes:
             raise MMLearnError(
                 f"the data has {k} classes, the model was built for {self.num_classes}"
+            )
+        data_multilabel = bool(getattr(dm, "multilabel", False))
+        if data_multilabel != self.multilabel:
+            raise MMLearnError(
+                f"the data is {'multi' if data_multilabel else 'single'}-label, the model was "
+                f"built with multilabel={self.multilabel}"
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -230,13 +265,13 @@ class MultimodalModule(pl.LightningModule):
         self.check_batch(batch, "predict")
         outputs = self(impute_missing(batch))
         log_probs = self.predict_log_proba(outputs, batch.present)
-        return {"log_probs": log_probs, "pred": log_probs.argmax(-1), "target": batch.target}
+        return {"log_probs": log_probs, "pred": self.predicted(log_probs), "target": batch.target}
 
     def _evaluate(self, batch: MultimodalBatch, stage: str) -> None:
         self.check_batch(batch, stage)
         outputs = self(impute_missing(batch))
         log_probs = self._update_metrics(stage, outputs, batch)
-        loss = F.nll_loss(log_probs, batch.target)
+        loss = self.nll(log_probs, batch.target)
         self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=batch.size, sync_dist=True)
 
     def _update_metrics(
@@ -244,12 +279,13 @@ class MultimodalModule(pl.LightningModule):
     ) -> Tensor:
         log_probs = self.predict_log_proba(outputs, batch.present)
         final = cast(MetricCollection, self.final_metrics[key(stage)])
-        final.update(log_probs, batch.target)
+        # multi-label metrics threshold probabilities (they would squash log-probs with a sigmoid)
+        final.update(log_probs.exp() if self.multilabel else log_probs, batch.target)
         self.log_dict(final, on_step=False, on_epoch=True, batch_size=batch.size, prog_bar=True)
         if self.has_experts:
             experts = cast(MetricCollection, self.expert_metrics[key(stage)])
             for m in self.modalities:
-                experts[m].update(outputs[m], batch.target)
+                experts[m].update(outputs[m], batch.target)  # logits: sigmoid/argmax inside
             self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
         return log_probs
 

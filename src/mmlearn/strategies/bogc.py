@@ -17,18 +17,24 @@ from mmlearn.strategies.multi_objective import MultiObjective
 VARIANCES = ("ema", "microbatch", "last_layer")
 
 
-def last_layer_moments(h: Tensor, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def last_layer_moments(
+    h: Tensor, logits: Tensor, target: Tensor, multilabel: bool = False
+) -> tuple[Tensor, Tensor]:
     """Sums over samples of the per-sample CE gradients of a linear layer, and of their squares.
 
-    For ``z = W h + b`` the per-sample gradient is ``outer(p - onehot(y), [h, 1])``, so
+    For ``z = W h + b`` the per-sample gradient is ``outer(p - onehot(y), [h, 1])`` (multi-label:
+    ``(sigmoid(z) - y) / K``, the gradient of the per-sample mean binary CE), so
     ``sum_i g_i = R^T H1`` and ``sum_i g_i^2 = (R^2)^T (H1^2)`` with ``R = p - onehot(y)``
     ``[N, K]`` and ``H1 = [h, 1]`` ``[N, d+1]``: one extra matmul, no per-sample tensors.
 
     Returns:
         ``(sum_g [K, d+1], sum_g2 [K, d+1])``.
     """
-    r = torch.softmax(logits.detach().float(), -1)
-    r[torch.arange(len(target)), target] -= 1
+    if multilabel:
+        r = (torch.sigmoid(logits.detach().float()) - target.float()) / logits.shape[-1]
+    else:
+        r = torch.softmax(logits.detach().float(), -1)
+        r[torch.arange(len(target)), target] -= 1
     h1 = torch.cat([h.detach().float(), h.new_ones(h.shape[0], 1, dtype=torch.float32)], 1)
     return r.T @ h1, (r * r).T @ (h1 * h1)
 
@@ -145,7 +151,9 @@ class BOGC(MultiObjective):
         rows = jac.objective_rows(losses, self.groups)
         stats = {f"row:{g}": r for g, r in rows.items()}
         for k in losses:
-            s1, s2 = last_layer_moments(self._last_inputs[k], outputs[k], batch.target)
+            s1, s2 = last_layer_moments(
+                self._last_inputs[k], outputs[k], batch.target, self.multilabel
+            )
             stats |= {f"s1:{k}": s1, f"s2:{k}": s2}
         stats["n"] = torch.tensor([float(batch.size)], device=batch.target.device)
         stats = jac.reduce_rows(stats)  # ONE collective: rows and per-sample moments

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
@@ -88,11 +87,13 @@ class I2M2(MultimodalModule):
         return out
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        return {"product": F.nll_loss(product_of_experts(outputs), target)}
+        return {
+            "product": self.nll(product_of_experts(outputs, multilabel=self.multilabel), target)
+        }
 
     def predict_log_proba(
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         masks: dict[str, Tensor | None] = dict(present or {})
         masks[FUSED] = all_present(present) if self.missing_joint == "drop" else None
-        return product_of_experts(outputs, masks)
+        return product_of_experts(outputs, masks, multilabel=self.multilabel)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmlearn.strategies.base import FUSED, MultimodalModule
@@ -30,9 +29,9 @@ class InterOnly(MultimodalModule):
         return {FUSED: self.joint(inputs)}
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        return {FUSED: F.cross_entropy(outputs[FUSED], target)}
+        return {FUSED: self.loss(outputs[FUSED], target)}
 
     def predict_log_proba(
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
-        return F.log_softmax(outputs[FUSED].float(), dim=-1)
+        return self.log_proba(outputs[FUSED])

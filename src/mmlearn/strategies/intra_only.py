@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
@@ -47,10 +46,14 @@ class IntraOnly(MultimodalModule):
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         if self.mode == "independent":
-            return {m: F.cross_entropy(outputs[m], target) for m in self.modalities}
-        return {"product": F.nll_loss(product_of_experts(outputs), target)}
+            return {m: self.loss(outputs[m], target) for m in self.modalities}
+        return {
+            "product": self.nll(product_of_experts(outputs, multilabel=self.multilabel), target)
+        }
 
     def predict_log_proba(
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
-        return product_of_experts({m: outputs[m] for m in self.modalities}, present)
+        return product_of_experts(
+            {m: outputs[m] for m in self.modalities}, present, multilabel=self.multilabel
+        )

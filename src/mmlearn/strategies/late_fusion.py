@@ -38,12 +38,12 @@ class LateFusionHeads(MultimodalModule):
         return out | {m: head(feats[m]) for m, head in self.heads.items()}
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        return {k: F.cross_entropy(z, target) for k, z in outputs.items()}
+        return {k: self.loss(z, target) for k, z in outputs.items()}
 
     def predict_log_proba(
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
-        return F.log_softmax(outputs[FUSED].float(), dim=-1)
+        return self.log_proba(outputs[FUSED])
 
     def parameter_groups(self) -> list[ParamGroup]:
         """Which objectives reach which parameters (validated: each parameter in one group)."""
