@@ -85,3 +85,18 @@ def test_bad_layouts_name_the_file(tmp_path: Path, file, array, message) -> None
     (folder / file).unlink()
     with pytest.raises(FileNotFoundError, match="MultiBench"):
         _ = AVMNIST(root=str(tmp_path), val_size=30).splits
+
+
+def test_prepare_again_rehashes_against_the_manifest(tmp_path: Path, capsys) -> None:
+    write_avmnist(tmp_path)
+    main_args = ["prepare", "avmnist", "--root", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(main_args)  # first time: records the manifest
+    images = tmp_path / "avmnist" / "image" / "test_data.npy"
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content: only the hash can tell
+    images.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as done:
+        main(main_args)
+    assert done.value.code == 2
+    assert "test_data.npy: SHA-256" in capsys.readouterr().err

@@ -80,12 +80,18 @@ def read_avmnist(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 
 def prepare_avmnist(root: str, source: str | None = None) -> Path:
     """Copy MultiBench's ``avmnist`` folder from ``source`` (if given) to ``root/avmnist``, check
-    its layout and write its manifest."""
+    its layout and record its manifest (SHA-256 and size per file).
+
+    Without ``source``, a folder prepared before is re-hashed against its manifest first, so a file
+    that changed since is reported rather than silently re-recorded.
+    """
     folder = Path(root) / "avmnist"
     if source is not None:
         for rel in (r for rels in FILES.values() for r in rels):
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(source) / rel, folder / rel)
+    else:
+        check_manifest(folder, full=True)
     read_avmnist(folder)
     write_manifest(folder, [folder / r for rels in FILES.values() for r in rels])
     return folder
