@@ -56,6 +56,8 @@ def test_every_experiment_config_runs_fast_dev_run(run_cli, request) -> None:
     for path in EXPERIMENTS:
         if "mfeat" in path.parts:
             request.getfixturevalue("mfeat_env")
+        if "fashion_mnist" in path.parts:
+            request.getfixturevalue("fashion_dir")
         cli = run_cli("fit", "--config", str(path), "--trainer.fast_dev_run=true")
         assert cli.trainer.state.finished, path
         assert torch.isfinite(cli.trainer.callback_metrics["train/loss"]), path
