@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import STRATEGIES  # noqa: I001  (tests/helpers.py)
 from mmlearn.data import AudioVisualClips
 from mmlearn.data.av_clips import ClipDecoder, RawClips
 from mmlearn.data.fixtures import write_av_clips
@@ -18,14 +19,6 @@ SMALL = {"image_size": 32, "num_frames": 2, "prepare_workers": 0, "num_workers":
 SMALL_ARGS = [f"--data.{k}={v}" for k, v in SMALL.items()]
 SMALL_RESNET = {"name": "resnet18", "width": 8}
 ENCODERS = "--model.encoders=" + json.dumps({"visual": SMALL_RESNET, "audio": SMALL_RESNET})
-STRATEGIES = [
-    ["--model", "InterOnly"],
-    ["--model", "IntraOnly"],
-    ["--model", "I2M2"],
-    ["--model", "MIMO"],
-    ["--model", "BOGC"],
-    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
-]
 
 
 def test_decoding_and_the_cache_agree(tmp_path: Path) -> None:

@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import STRATEGIES  # noqa: I001  (tests/helpers.py)
 from mmlearn.cli import main
 from mmlearn.data import AVMNIST
 from mmlearn.data.fixtures import write_avmnist
 from mmlearn.errors import MMLearnError
-
-STRATEGIES = [
-    ["--model", "InterOnly"],
-    ["--model", "IntraOnly"],
-    ["--model", "I2M2"],
-    ["--model", "MIMO"],
-    ["--model", "BOGC"],
-    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
-]
 
 
 def test_layout_splits_and_compact_storage(tmp_path: Path) -> None:

@@ -8,19 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import STRATEGIES  # noqa: I001  (tests/helpers.py)
 from mmlearn.data import FashionMNISTViews, prepare_fashion_mnist
 from mmlearn.data.fashion import FILES
 from mmlearn.data.fixtures import write_fashion_mnist
 from mmlearn.errors import MMLearnError
-
-STRATEGIES = [
-    ["--model", "InterOnly"],
-    ["--model", "IntraOnly"],
-    ["--model", "I2M2"],
-    ["--model", "MIMO"],
-    ["--model", "BOGC"],
-    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
-]
 
 
 @pytest.mark.parametrize("layout", ["halves", "left_right", "quadrants"])

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import STRATEGIES  # noqa: I001  (tests/helpers.py)
 from mmlearn.data import ImageText
 from mmlearn.data.fixtures import IMAGE_TEXT_CLASSES, write_image_text
 from mmlearn.errors import MMLearnError
@@ -31,14 +32,6 @@ SMALL = [
     "--data.num_workers=0",
     "--data.prepare_workers=0",
     "--data.val_fraction=0.25",
-]
-STRATEGIES = [
-    ["--model", "InterOnly"],
-    ["--model", "IntraOnly"],
-    ["--model", "I2M2"],
-    ["--model", "MIMO"],
-    ["--model", "BOGC"],
-    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
 ]
 
 

@@ -8,18 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import STRATEGIES  # noqa: I001  (tests/helpers.py)
 from mmlearn.data import MIMIC
 from mmlearn.data.fixtures import write_mimic
 from mmlearn.errors import MMLearnError
-
-STRATEGIES = [
-    ["--model", "InterOnly"],
-    ["--model", "IntraOnly"],
-    ["--model", "I2M2"],
-    ["--model", "MIMO"],
-    ["--model", "BOGC"],
-    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
-]
 
 
 def test_tasks_splits_and_cleaning(tmp_path: Path) -> None:
