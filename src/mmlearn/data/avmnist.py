@@ -100,7 +100,7 @@ def prepare_avmnist(root: str, source: str | None = None) -> Path:
 def _compact(arr: np.ndarray) -> torch.Tensor:
     """uint8 stays uint8 (scaled on the device); anything else becomes float16 in [0, 1]."""
     if arr.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        return torch.from_numpy(np.array(arr))  # a writable copy of the memory map
     return torch.from_numpy((np.asarray(arr, dtype=np.float32) / 255.0).astype(np.float16))
 
 

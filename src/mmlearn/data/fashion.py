@@ -166,7 +166,7 @@ class FashionMNISTViews(MultimodalDataModule):
         }
         splits = {}
         for name, (x, y) in parts.items():
-            images = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0).unsqueeze(1)
+            images = torch.from_numpy(np.array(x)).float().div_(255.0).unsqueeze(1)  # a copy
             views = {
                 v: images[:, :, r, c].contiguous() for v, (r, c) in LAYOUTS[self.layout].items()
             }
