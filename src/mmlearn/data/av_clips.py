@@ -8,9 +8,9 @@ OGM-GE (Peng et al., CVPR 2022) and MMPareto (Wei and Hu, ICML 2024) read, per d
 
 Decoding JPEGs and computing spectrograms at every step starves a GPU, so the first use (Lightning's
 ``prepare_data``, once per node; or ``mmlearn prepare crema-d``) decodes every clip once into
-``<name>/cache/``: ``<split>_frames.npy`` (uint8 ``[N, T, 3, S, S]``), ``<split>_spec.npy``
-(float16 log-magnitude spectrograms ``[N, 1, F, W]`` from ``torch.stft``), ``<split>_labels.npy``,
-``meta.json`` (the decoding settings) and ``MANIFEST.json``. Training memory-maps those arrays.
+``<name>/cache/`` (:mod:`mmlearn.data.cache`): ``<split>_visual.npy`` (uint8 ``[N, T, 3, S, S]``),
+``<split>_audio.npy`` (float16 log-magnitude spectrograms ``[N, 1, F, W]`` from ``torch.stft``),
+``<split>_labels.npy``. Training memory-maps those arrays.
 The spectrogram follows OGM-GE: the waveform resampled to 22,050 Hz, tiled/cut to 3 s, STFT with
 n_fft 512 and hop 353 (Hann window), ``log(|X| + 1e-7)`` -> ``[1, 257, 188]``.
 """
@@ -18,7 +18,6 @@ n_fft 512 and hop 353 (Hann window), ``log(|X| + 1e-7)`` -> ``[1, 257, 188]``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import wave
 from collections.abc import Sequence
@@ -27,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from mmlearn.data.base import MultimodalDataModule, Split, stratified_split
-from mmlearn.data.manifest import check_manifest, write_manifest
+from mmlearn.data.base import stratified_split
+from mmlearn.data.cache import CachedDataModule, SplitPlan
 from mmlearn.data.mfeat import default_root
 from mmlearn.errors import MMLearnError
 
@@ -157,7 +156,7 @@ class RawClips(Dataset):
         return {"visual": visual, "audio": audio}, label
 
 
-class AudioVisualClips(MultimodalDataModule):
+class AudioVisualClips(CachedDataModule):
     """CREMA-D / Kinetics-Sounds style clips: ``visual`` frames and ``audio`` spectrogram.
 
     Encoders: ``resnet18`` for both (set in ``data_modules/crema_d.yaml``), as in OGM-GE.
@@ -266,11 +265,7 @@ class AudioVisualClips(MultimodalDataModule):
         return lists
 
     # ---- the cache ---------------------------------------------------------------------------
-    def cache_is_current(self) -> bool:
-        meta = self.cache / "meta.json"
-        return meta.is_file() and json.loads(meta.read_text()) == self._cache_meta()
-
-    def _cache_meta(self) -> dict[str, Any]:
+    def cache_meta(self) -> dict[str, Any]:
         lists = self.clip_lists()
         return {
             **self.meta,
@@ -278,61 +273,17 @@ class AudioVisualClips(MultimodalDataModule):
             "clips": {s: [[c, y] for c, y in v] for s, v in lists.items()},
         }
 
-    def prepare_data(self) -> None:
-        """Decode every clip once into the memory-mapped cache (skipped when it is current)."""
-        if self.cache_is_current():
-            return
-        self.cache.mkdir(parents=True, exist_ok=True)
-        (self.cache / "meta.json").unlink(missing_ok=True)
-        written = []
-        for split, clips in self.clip_lists().items():
-            shapes = self.decoder.shapes
-            n = len(clips)
-            frames = np.lib.format.open_memmap(
-                self.cache / f"{split}_frames.npy",
-                mode="w+",
-                dtype=np.uint8,
-                shape=(n, *shapes["visual"]),
+    def cache_plan(self) -> dict[str, SplitPlan]:
+        shapes = self.decoder.shapes
+        layout = {"visual": (shapes["visual"], np.uint8), "audio": (shapes["audio"], np.float16)}
+        return {
+            split: SplitPlan(
+                RawClips(self.decoder, clips),
+                layout,
+                {"labels": np.array([y for _, y in clips], dtype=np.int64)},
             )
-            spec = np.lib.format.open_memmap(
-                self.cache / f"{split}_spec.npy",
-                mode="w+",
-                dtype=np.float16,
-                shape=(n, *shapes["audio"]),
-            )
-            loader = DataLoader(
-                RawClips(self.decoder, clips), batch_size=None, num_workers=self.prepare_workers
-            )
-            for i, (sample, _) in enumerate(loader):
-                frames[i] = sample["visual"].numpy()
-                spec[i] = sample["audio"].numpy()
-            frames.flush()
-            spec.flush()
-            del frames, spec
-            np.save(self.cache / f"{split}_labels.npy", np.array([y for _, y in clips], np.int64))
-            written += [self.cache / f"{split}_{k}.npy" for k in ("frames", "spec", "labels")]
-        write_manifest(self.cache, written)
-        (self.cache / "meta.json").write_text(json.dumps(self._cache_meta()))
-
-    def load_splits(self) -> dict[str, Split]:
-        if not self.cache_is_current():
-            raise MMLearnError(
-                f"{self.cache} is missing or was built with other settings or clip "
-                f"lists: run `mmlearn prepare {self.folder.name} --root "
-                f"{self.folder.parent}` (fit does it in prepare_data)"
-            )
-        check_manifest(self.cache, full=False)
-        splits = {}
-        for split in ("train", "val", "test"):
-            # copy-on-write memory maps: batches read only their rows, the files are never written
-            visual, audio, labels = (
-                np.load(self.cache / f"{split}_{k}.npy", mmap_mode="c")
-                for k in ("frames", "spec", "labels")
-            )
-            target = torch.from_numpy(np.asarray(labels))
-            visual, audio = torch.from_numpy(visual), torch.from_numpy(audio)
-            splits[split] = Split({"visual": visual, "audio": audio}, target)
-        return splits
+            for split, clips in self.clip_lists().items()
+        }
 
 
 def prepare_av_clips(root: str, name: str = "crema-d") -> Path:

@@ -9,7 +9,7 @@ Layout (``<root>/<name>/``)::
 The keys are configurable (Hateful Memes: ``image_key: img``). Like ``AudioVisualClips``, the
 first use (``prepare_data``) decodes every image once (resized to ``image_size``, uint8) and
 tokenises every text with a ``transformers`` tokenizer (``max_length``, padded with 0) into
-``<name>/cache/`` memory maps, with ``meta.json`` and ``MANIFEST.json``. Pair the ``text`` modality
+``<name>/cache/`` memory maps (:mod:`mmlearn.data.cache`). Pair the ``text`` modality
 with the ``hf`` encoder (``pretrained: minilm``: the offline all-MiniLM-L6-v2, whose tokenizer is
 the default here) and ``image`` with ``cnn`` or ``resnet18``.
 
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from mmlearn.data.base import MultimodalDataModule, Split, stratified_split
-from mmlearn.data.manifest import check_manifest, write_manifest
+from mmlearn.data.base import stratified_split
+from mmlearn.data.cache import CachedDataModule, SplitPlan
 from mmlearn.data.mfeat import default_root
 from mmlearn.errors import MMLearnError
 
@@ -82,7 +82,7 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from PIL import Image, UnidentifiedImageError
 
         image, _, _, where = self.records[i]
@@ -94,10 +94,10 @@ class _Images(Dataset):
             raise MMLearnError(f"{where}: image {path} not found") from e
         except (UnidentifiedImageError, OSError) as e:
             raise MMLearnError(f"{where}: unreadable image {path} ({e})") from e
-        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+        return {"image": torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)}
 
 
-class ImageText(MultimodalDataModule):
+class ImageText(CachedDataModule):
     """``image`` ``[3, S, S]`` (uint8, scaled on the device) and ``text`` token ids ``[L]``.
 
     Args:
@@ -203,7 +203,7 @@ class ImageText(MultimodalDataModule):
             out["train"] = [train[i] for i in idx["train"].tolist()]
         return out
 
-    def _meta(self) -> dict[str, Any]:
+    def cache_meta(self) -> dict[str, Any]:
         recs = self.records()
         return {
             "keys": list(self.keys),
@@ -214,33 +214,11 @@ class ImageText(MultimodalDataModule):
             "records": {s: [[r[3], ys] for r, ys in v] for s, v in recs.items()},
         }
 
-    def cache_is_current(self) -> bool:
-        meta = self.cache / "meta.json"
-        return meta.is_file() and json.loads(meta.read_text()) == self._meta()
-
-    def prepare_data(self) -> None:
-        """Decode and tokenise everything once into the cache (skipped when it is current)."""
-        if self.cache_is_current():
-            return
+    def cache_plan(self) -> dict[str, SplitPlan]:
         tok = load_tokenizer(self.tokenizer)
-        self.cache.mkdir(parents=True, exist_ok=True)
-        (self.cache / "meta.json").unlink(missing_ok=True)
-        written = []
+        plans = {}
         for split, items in self.records().items():
             recs = [r for r, _ in items]
-            shape = (len(recs), 3, self.image_size, self.image_size)
-            images = np.lib.format.open_memmap(
-                self.cache / f"{split}_image.npy", mode="w+", dtype=np.uint8, shape=shape
-            )
-            loader = DataLoader(
-                _Images(self.folder, recs, self.image_size),
-                batch_size=None,
-                num_workers=self.prepare_workers,
-            )
-            for i, img in enumerate(loader):
-                images[i] = img.numpy()
-            images.flush()
-            del images
             ids = tok(
                 [r[1] for r in recs],
                 padding="max_length",
@@ -248,7 +226,6 @@ class ImageText(MultimodalDataModule):
                 max_length=self.max_length,
                 return_tensors="np",
             )["input_ids"]
-            np.save(self.cache / f"{split}_text.npy", ids.astype(np.int64))
             labels: np.ndarray
             if self.multilabel:  # multi-hot [N, K]
                 labels = np.zeros((len(items), self.num_classes), np.float32)
@@ -256,26 +233,9 @@ class ImageText(MultimodalDataModule):
                     labels[i, ys] = 1.0
             else:
                 labels = np.array([ys[0] for _, ys in items], dtype=np.int64)
-            np.save(self.cache / f"{split}_labels.npy", labels)
-            written += [self.cache / f"{split}_{k}.npy" for k in ("image", "text", "labels")]
-        write_manifest(self.cache, written)
-        (self.cache / "meta.json").write_text(json.dumps(self._meta()))
-
-    def load_splits(self) -> dict[str, Split]:
-        if not self.cache_is_current():
-            raise MMLearnError(
-                f"{self.cache} is missing or out of date: fit builds it in "
-                "prepare_data (or call ImageText(...).prepare_data())"
+            plans[split] = SplitPlan(
+                _Images(self.folder, recs, self.image_size),
+                {"image": ([3, self.image_size, self.image_size], np.uint8)},
+                {"text": ids.astype(np.int64), "labels": labels},
             )
-        check_manifest(self.cache, full=False)
-        splits = {}
-        for split in ("train", "val", "test"):
-            image, text, labels = (
-                np.load(self.cache / f"{split}_{k}.npy", mmap_mode="c")
-                for k in ("image", "text", "labels")
-            )
-            splits[split] = Split(
-                {"image": torch.from_numpy(image), "text": torch.from_numpy(np.asarray(text))},
-                torch.from_numpy(np.asarray(labels)),
-            )
-        return splits
+        return plans
