@@ -40,6 +40,23 @@ def make(tmp_path: Path, **kw) -> ImageText:
     return ImageText(root=str(tmp_path), **{**args, **kw})
 
 
+def fit_i2m2(run_cli, root: Path):
+    """I2M2, 10 epochs at lr 0.01 on the miniature under ``root``."""
+    return run_cli(
+        "fit",
+        "--model",
+        "I2M2",
+        "--data",
+        "ImageText",
+        f"--data.root={root}",
+        *SMALL,
+        ENCODERS,
+        "--trainer.max_epochs=10",
+        "--seed_everything=0",
+        "--model.optimizer.init_args.lr=0.01",
+    )
+
+
 def test_cache_holds_images_and_minilm_tokens(tmp_path: Path) -> None:
     write_image_text(tmp_path)
     dm = make(tmp_path)
@@ -76,19 +93,7 @@ def test_every_strategy_fits(tmp_path: Path, run_cli, strategy) -> None:
 
 def test_the_miniature_is_learnable(tmp_path: Path, run_cli) -> None:
     write_image_text(tmp_path, n_train=90)
-    cli = run_cli(
-        "fit",
-        "--model",
-        "I2M2",
-        "--data",
-        "ImageText",
-        f"--data.root={tmp_path}",
-        *SMALL,
-        ENCODERS,
-        "--trainer.max_epochs=10",
-        "--seed_everything=0",
-        "--model.optimizer.init_args.lr=0.01",
-    )
+    cli = fit_i2m2(run_cli, tmp_path)
     metrics = {
         k: round(float(v), 3) for k, v in cli.trainer.callback_metrics.items() if "val/acc" in k
     }
@@ -140,19 +145,7 @@ def test_multilabel_records_train_sigmoid_heads_end_to_end(tmp_path: Path, run_c
     target = dm.splits["train"].target
     assert target.dtype == torch.float32 and target.shape[1] == 3
     assert set(target.sum(1).tolist()) == {1.0, 2.0}  # one or two dishes per record
-    cli = run_cli(
-        "fit",
-        "--model",
-        "I2M2",
-        "--data",
-        "ImageText",
-        f"--data.root={tmp_path}",
-        *SMALL,
-        ENCODERS,
-        "--trainer.max_epochs=10",
-        "--seed_everything=0",
-        "--model.optimizer.init_args.lr=0.01",
-    )
+    cli = fit_i2m2(run_cli, tmp_path)
     assert cli.model.multilabel  # linked from the data
     assert float(cli.trainer.callback_metrics["val/acc"]) > 0.8  # per-label decisions
     run = Path(cli.trainer.log_dir)

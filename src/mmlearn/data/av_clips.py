@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmlearn.data.base import stratified_split
 from mmlearn.data.cache import CachedDataModule, SplitPlan
-from mmlearn.data.mfeat import default_root
 from mmlearn.errors import MMLearnError
 
 CREMA_D_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE's index order
@@ -92,8 +90,24 @@ class ClipDecoder:
     ) -> None:
         self.folder, self.frames_dir, self.audio_dir = folder, frames_dir, audio_dir
         self.num_frames, self.image_size = num_frames, image_size
-        self.sample_rate, self.samples = sample_rate, int(round(seconds * sample_rate))
+        self.sample_rate, self.seconds = sample_rate, seconds
+        self.samples = int(round(seconds * sample_rate))
         self.n_fft, self.hop_length = n_fft, hop_length
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Everything decoding depends on (what the cache's ``meta.json`` records)."""
+        keys = (
+            "frames_dir",
+            "audio_dir",
+            "num_frames",
+            "image_size",
+            "sample_rate",
+            "seconds",
+            "n_fft",
+            "hop_length",
+        )
+        return {k: getattr(self, k) for k in keys}
 
     @property
     def shapes(self) -> dict[str, list[int]]:
@@ -192,9 +206,7 @@ class AudioVisualClips(CachedDataModule):
         num_workers: int = 2,
         seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.folder = Path(root if root is not None else default_root()) / name
-        self.cache = self.folder / "cache"
+        super().__init__(name, root, val_fraction, prepare_workers, batch_size, num_workers, seed)
         self.decoder = ClipDecoder(
             self.folder,
             frames_dir,
@@ -206,19 +218,7 @@ class AudioVisualClips(CachedDataModule):
             n_fft,
             hop_length,
         )
-        self.meta = {
-            "frames_dir": frames_dir,
-            "audio_dir": audio_dir,
-            "num_frames": num_frames,
-            "image_size": image_size,
-            "sample_rate": sample_rate,
-            "seconds": seconds,
-            "n_fft": n_fft,
-            "hop_length": hop_length,
-        }
         self._classes = list(classes) if classes is not None else None
-        self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
-        self.source = str(self.folder)
 
     # ---- what is known before any clip is decoded ----------------------------------------
     @property
@@ -256,19 +256,14 @@ class AudioVisualClips(CachedDataModule):
                         f"{label!r}, not in the classes {self.classes}"
                     )
             lists[split] = [(clip, index[label]) for clip, label in rows]
-        if "val" not in lists:
-            train = lists["train"]
-            target = torch.tensor([y for _, y in train])
-            idx = stratified_split(target, 0.0, self.val_fraction, self.seed)
-            lists["val"] = [train[i] for i in idx["test"].tolist()]
-            lists["train"] = [train[i] for i in idx["train"].tolist()]
+        self.split_off_val(lists, [y for _, y in lists["train"]])
         return lists
 
     # ---- the cache ---------------------------------------------------------------------------
     def cache_meta(self) -> dict[str, Any]:
         lists = self.clip_lists()
         return {
-            **self.meta,
+            **self.decoder.settings,
             "classes": self.classes,
             "clips": {s: [[c, y] for c, y in v] for s, v in lists.items()},
         }

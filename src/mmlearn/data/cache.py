@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmlearn.data.base import SPLITS, MultimodalDataModule, Split
+from mmlearn.data.base import SPLITS, MultimodalDataModule, Split, stratified_split
 from mmlearn.data.manifest import check_manifest, write_manifest
+from mmlearn.data.mfeat import default_root
 from mmlearn.errors import MMLearnError
 
 
@@ -40,10 +41,40 @@ class SplitPlan:
 
 
 class CachedDataModule(MultimodalDataModule):
-    """Base of the loaders that decode once: subclasses give the plan, the meta and the folder."""
+    """Base of the loaders that decode once: subclasses give the plan and the meta.
 
-    cache: Path
-    prepare_workers: int = 2
+    Args:
+        name: the dataset folder under ``root``; the cache is ``<root>/<name>/cache``.
+        root: ``None``: ``$MMLEARN_DATA`` or ``./data``.
+        val_fraction: without a validation list, this share of train (stratified, ``seed``).
+        prepare_workers: processes decoding samples when the cache is built.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str | None,
+        val_fraction: float,
+        prepare_workers: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int | None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.folder = Path(root if root is not None else default_root()) / name
+        self.cache = self.folder / "cache"
+        self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
+        self.source = str(self.folder)
+
+    def split_off_val(self, lists: dict[str, list[Any]], strata: list[int]) -> None:
+        """Without ``lists["val"]``, move ``val_fraction`` of ``lists["train"]`` (stratified by
+        ``strata``, one class index per train item) into it."""
+        if "val" in lists:
+            return
+        train = lists["train"]
+        idx = stratified_split(torch.tensor(strata), 0.0, self.val_fraction, self.seed)
+        lists["val"] = [train[i] for i in idx["test"].tolist()]
+        lists["train"] = [train[i] for i in idx["train"].tolist()]
 
     def cache_meta(self) -> dict[str, Any]:
         """Everything the cache depends on (JSON-serialisable)."""

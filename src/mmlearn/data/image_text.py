@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmlearn.data.base import stratified_split
 from mmlearn.data.cache import CachedDataModule, SplitPlan
-from mmlearn.data.mfeat import default_root
 from mmlearn.errors import MMLearnError
 
 # image path, text, label(s), "file:line" (for errors)
@@ -130,14 +128,10 @@ class ImageText(CachedDataModule):
         num_workers: int = 2,
         seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.folder = Path(root if root is not None else default_root()) / name
-        self.cache = self.folder / "cache"
+        super().__init__(name, root, val_fraction, prepare_workers, batch_size, num_workers, seed)
         self.keys = (image_key, text_key, label_key)
         self.classes = list(classes) if classes is not None else None
         self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length
-        self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
-        self.source = str(self.folder)
         self._train: list[Record] | None = None
 
     @property
@@ -194,13 +188,8 @@ class ImageText(CachedDataModule):
                     )
                 items.append((rec, [index[lab] for lab in labels]))
             out[split] = items
-        if "val" not in out:
-            train = out["train"]
-            # stratified by the (first) label; a multi-label record without labels counts as 0
-            strata = torch.tensor([ys[0] if ys else 0 for _, ys in train])
-            idx = stratified_split(strata, 0.0, self.val_fraction, self.seed)
-            out["val"] = [train[i] for i in idx["test"].tolist()]
-            out["train"] = [train[i] for i in idx["train"].tolist()]
+        # stratified by the (first) label; a multi-label record without labels counts as 0
+        self.split_off_val(out, [ys[0] if ys else 0 for _, ys in out["train"]])
         return out
 
     def cache_meta(self) -> dict[str, Any]:
