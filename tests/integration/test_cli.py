@@ -81,8 +81,9 @@ def test_every_data_module_config_runs_fast_dev_run(
     cli = run_cli(
         "fit", "--model", "I2M2", "--data", str(path), *extra, "--trainer.fast_dev_run=true"
     )
-    assert cli.trainer.state.finished
-    assert cli.model.modalities == cli.datamodule.modalities
+    # one real optimisation step on that data (fast_dev_run: one training batch), finite loss
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def _fit(run_cli, model: str, *extra: str, epochs: int = 3, save_dir: Path | None = None):
@@ -156,7 +157,8 @@ def test_i2m2_init_from_loads_the_experts(run_cli, tmp_path: Path) -> None:
         assert torch.equal(model.experts["m1"].state_dict()[name], p), name
     fresh = I2M2(input_shapes=shapes, num_classes=k)
     assert not torch.equal(model.experts["m0"].head.weight, intra.model.experts["m0"].head.weight)
-    assert fresh.joint.head[0].weight.shape == model.joint.head[0].weight.shape
+    # without init_from the joint model is not the checkpoint's: the equality above is the load
+    assert not torch.equal(fresh.joint.head[0].weight, inter.model.joint.head[0].weight)
     with pytest.raises(ValueError, match=r"has no weights under 'experts.m0.'"):
         I2M2(input_shapes=shapes, num_classes=k, init_from={"m0": ckpt["inter"]})
     with pytest.raises(ValueError, match=r"unknown key 'audio'"):

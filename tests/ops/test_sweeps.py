@@ -8,6 +8,7 @@ command tested here is the command a real agent runs.
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 import os
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
@@ -53,6 +55,12 @@ def agent_command(sweep: dict[str, Any], params: dict[str, Any]) -> list[str]:
         is_macro = chunk.startswith("${") and chunk.endswith("}")
         command += (sweep_vars.get(chunk[2:-1]) or []) if is_macro else [chunk]
     return command
+
+
+def load_class(path: str) -> Any:
+    """The class a config's ``class_path`` names."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 @pytest.fixture(autouse=True)
@@ -112,6 +120,16 @@ def test_one_drawn_sweep_command_runs_end_to_end(tmp_path: Path) -> None:
     assert saved["model"]["class_path"] == strategy
     with open(run_dir / "metrics.csv") as f:
         tested = [float(r["test/acc"]) for r in csv.DictReader(f) if r.get("test/acc")]
-    assert len(tested) == 1 and 0.0 <= tested[0] <= 1.0  # --test_after_fit ran
+    assert len(tested) == 1  # --test_after_fit ran
+    # and logged the best checkpoint's accuracy on the test split, recomputed here without Lightning
+    (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    model = load_class(saved["model"]["class_path"]).load_from_checkpoint(best, map_location="cpu")
+    data_args = dict(saved["data"]["init_args"])
+    if data_args.get("seed") is None:  # the DataModule followed seed_everything
+        data_args["seed"] = saved["seed_everything"]
+    test = load_class(saved["data"]["class_path"])(**data_args).splits["test"]
+    with torch.no_grad():
+        pred = model.eval().predict_log_proba(model(test.inputs)).argmax(-1)
+    assert tested[0] == pytest.approx(float((pred == test.target).double().mean()), abs=1e-6)
     (offline,) = (run_dir / "wandb").glob("offline-run-*-trial0")
     assert (offline / "run-trial0.wandb").stat().st_size > 0

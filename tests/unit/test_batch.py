@@ -23,8 +23,17 @@ def test_collate_stacks_modalities_and_targets() -> None:
 def test_lightning_transfers_every_field() -> None:
     present = {"a": torch.tensor([True, False])}
     batch = MultimodalBatch({"a": torch.ones(2, 3)}, torch.tensor([0, 1]), present)
-    moved = move_data_to_device(batch, torch.device("cpu"))
-    assert isinstance(moved, MultimodalBatch) and torch.equal(moved.inputs["a"], batch.inputs["a"])
+    # to another device (meta: no data, just the device): every tensor of every field moves
+    moved = move_data_to_device(batch, torch.device("meta"))
+    assert isinstance(moved, MultimodalBatch) and moved.present is not None
+    tensors = {
+        "inputs.a": moved.inputs["a"],
+        "target": moved.target,
+        "present.a": moved.present["a"],
+    }
+    assert {k: t.device.type for k, t in tensors.items()} == dict.fromkeys(tensors, "meta")
+    assert moved.size == 2 and moved.inputs["a"].shape == (2, 3)
+    assert batch.target.device.type == "cpu"  # the original is left where it was
     doubled = apply_to_collection(
         batch, torch.Tensor, lambda t: t.double() if t.is_floating_point() else t
     )

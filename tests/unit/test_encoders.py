@@ -1,9 +1,14 @@
-"""Contract test over the encoder registry, plus the errors a bad encoder spec gives."""
+"""Contract test over the encoder registry, plus the errors a bad encoder spec gives.
+
+Every registered encoder must use everything it is given: each input position (feature, time
+step, token, image region of every frame) and each parameter tensor moves its output.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,7 +29,11 @@ TINY_BERT = {
 CASES = {
     "mlp": ({"hidden": [32]}, [12], lambda b: torch.randn(b, 12)),
     "cnn": ({"channels": [4, 8]}, [1, 16, 15], lambda b: torch.randn(b, 1, 16, 15)),
-    "gru": ({"hidden": 8, "bidirectional": True}, [7, 5], lambda b: torch.randn(b, 7, 5)),
+    "gru": (
+        {"hidden": 8, "num_layers": 2, "bidirectional": True},
+        [7, 5],
+        lambda b: torch.randn(b, 7, 5),
+    ),
     "hf": ({"config": TINY_BERT}, [9], lambda b: torch.randint(1, 50, (b, 9))),
     "resnet18": ({"width": 4}, [2, 3, 20, 20], lambda b: torch.randn(b, 2, 3, 20, 20)),
 }
@@ -34,10 +43,16 @@ def test_every_registered_encoder_has_a_contract_case() -> None:
     assert set(ENCODERS) == set(CASES)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+def case(name: str) -> tuple[dict, list[int], Callable[[int], torch.Tensor]]:
+    """The example of a registered encoder; a registered encoder without one fails its tests."""
+    assert name in CASES, f"encoder {name!r} is registered but has no example in CASES"
+    return CASES[name]
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_encoder_contract(name: str) -> None:
     torch.manual_seed(0)
-    spec, shape, make = CASES[name]
+    spec, shape, make = case(name)
     enc = build_encoder({"name": name, **spec}, shape, out_dim=6)
     x = make(4)
     out = enc(x)
@@ -52,6 +67,7 @@ def test_encoder_contract(name: str) -> None:
     for pname, p in enc.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+            assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
     if name == "hf":
         return
     enc.zero_grad()
@@ -61,6 +77,125 @@ def test_encoder_contract(name: str) -> None:
     enc.eval()
     assert torch.allclose(enc(x)[1], enc(x2)[1], atol=1e-6)
     assert not torch.allclose(enc(x)[0], enc(x2)[0])
+
+
+PATCH = 4  # images and frames are perturbed one PATCH x PATCH region at a time
+
+
+def perturbed_copies(x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """One copy of the single sample ``x [1, *shape]`` per input position, that position changed.
+
+    Positions: each element of vectors and sequences (every feature of every time step), each
+    token of token ids (another non-padding id), each ``PATCH x PATCH`` region (all channels) of
+    each image or of each frame of ``[T, C, H, W]``.
+    """
+    sample = x[0]
+    where: list[str] = []
+    copies: list[torch.Tensor] = []
+    if not sample.is_floating_point():  # token ids: swap each token for another non-pad id
+        top = int(sample.max())
+        for i in range(sample.shape[0]):
+            y = sample.clone()
+            y[i] = y[i] % top + 1
+            where.append(f"token {i}")
+            copies.append(y)
+    elif sample.dim() <= 2:  # vector [D] or sequence [T, D]: every element
+        for idx in torch.cartesian_prod(*[torch.arange(n) for n in sample.shape]).view(
+            -1, sample.dim()
+        ):
+            y = sample.clone()
+            y[tuple(idx.tolist())] += 3.0
+            where.append(f"element {idx.tolist()}")
+            copies.append(y)
+    else:  # image [C, H, W] or frames [T, C, H, W]: each region of each frame
+        frames = sample.view(-1, *sample.shape[-3:])
+        _, h, w = frames.shape[1:]
+        for t in range(frames.shape[0]):
+            for i in range(0, h, PATCH):
+                for j in range(0, w, PATCH):
+                    y = frames.clone()
+                    y[t, :, i : i + PATCH, j : j + PATCH] += 3.0
+                    where.append(f"frame {t} region ({i}, {j})")
+                    copies.append(y.view_as(sample))
+    return where, torch.stack(copies)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_output_depends_on_every_input_position(name: str, seed: int) -> None:
+    """Catches an encoder that reads only the first frame / time step / token / some region."""
+    torch.manual_seed(seed)
+    spec, shape, make = case(name)
+    enc = build_encoder({"name": name, **spec}, shape, out_dim=6).eval()
+    x = make(1)
+    where, copies = perturbed_copies(x)
+    assert len(where) >= 2
+    with torch.no_grad():
+        out = enc(torch.cat([x, copies]))  # the original first, in the same batch
+    change = (out[1:] - out[0]).abs().amax(1)
+    unused = [w for w, c in zip(where, change.tolist(), strict=True) if c < 1e-5]
+    assert not unused, f"{name}: output ignores {unused}"
+
+
+# Parameters that provably cannot move the output: a bias added to every attention key shifts all
+# of a query's scores equally, and softmax is invariant to that.
+NO_EFFECT_BY_DESIGN = (".attention.self.key.bias",)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_output_depends_on_every_parameter_tensor(name: str) -> None:
+    """Catches unused layers, e.g. a recurrent encoder that returns a lower layer's state."""
+    torch.manual_seed(0)
+    spec, shape, make = case(name)
+    enc = build_encoder({"name": name, **spec}, shape, out_dim=6).eval()
+    x = make(2)
+    with torch.no_grad():
+        base = enc(x)
+        unused = []
+        for pname, p in enc.named_parameters():
+            if pname.endswith(NO_EFFECT_BY_DESIGN):
+                continue
+            saved = p.detach().clone()
+            p.add_(torch.randn_like(p) * 0.5)
+            if torch.allclose(enc(x), base, atol=1e-6, rtol=0):
+                unused.append(pname)
+            p.copy_(saved)
+        assert torch.equal(enc(x), base)
+    assert not unused, f"{name}: output ignores parameters {unused}"
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_gru_encodes_the_last_layers_final_states(num_layers: int, bidirectional: bool) -> None:
+    """Against nn.GRU's own output sequence: the top layer, forward at T-1, backward at 0."""
+    torch.manual_seed(0)
+    spec = {"name": "gru", "hidden": 8, "num_layers": num_layers, "bidirectional": bidirectional}
+    enc = build_encoder(spec, [7, 5], out_dim=6).eval()
+    x = torch.randn(4, 7, 5)
+    with torch.no_grad():
+        seq, _ = enc.gru(x)  # [B, T, directions * hidden], the LAST layer's outputs
+        last = seq[:, -1, :8]
+        if bidirectional:
+            last = torch.cat([last, seq[:, 0, 8:]], 1)
+        torch.testing.assert_close(enc(x), enc.proj(last))
+        # and the top layer's weights (each direction) move the output
+        top = num_layers - 1
+        for suffix in ["", "_reverse"] if bidirectional else [""]:
+            weight = getattr(enc.gru, f"weight_hh_l{top}{suffix}")
+            before = enc(x)
+            weight.add_(torch.randn_like(weight))
+            assert not torch.allclose(enc(x), before, atol=1e-4), f"layer {top}{suffix}"
+
+
+def test_resnet_frames_share_the_network_and_average_over_time() -> None:
+    torch.manual_seed(0)
+    enc = build_encoder({"name": "resnet18", "width": 4}, [3, 3, 16, 16], out_dim=5).eval()
+    x = torch.randn(2, 3, 3, 16, 16)
+    with torch.no_grad():
+        per_frame = torch.stack([enc.features(x[:, t]) for t in range(3)], 1)  # [B, T, C]
+        torch.testing.assert_close(enc(x), enc.proj(per_frame.mean(1)))
+        # the frame order does not matter (an average), but every frame's content does
+        torch.testing.assert_close(enc(x.flip(1)), enc(x))
 
 
 def test_hf_padding_is_masked_out() -> None:

@@ -29,7 +29,11 @@ def test_poe_equals_lsm_of_summed_logits(logits) -> None:
 def test_dropping_a_term_stays_normalised(logits) -> None:
     present = {"b": torch.tensor([True, False, True, False, True, False])}
     got = product_of_experts(logits, present)
-    assert torch.allclose(got.logsumexp(-1), torch.zeros(6), atol=1e-5)
+    # in probability space: the product of the present experts' posteriors, renormalised
+    probs = {k: F.softmax(z, -1) for k, z in logits.items()}
+    b_term = torch.where(present["b"].unsqueeze(-1), probs["b"], torch.ones_like(probs["b"]))
+    product = probs[FUSED] * probs["a"] * probs["c"] * b_term
+    assert torch.allclose(got.exp(), product / product.sum(-1, keepdim=True), atol=1e-6)
     without_b = F.log_softmax(logits[FUSED] + logits["a"] + logits["c"], -1)
     with_b = F.log_softmax(sum(logits.values()), -1)
     assert torch.allclose(got[1::2], without_b[1::2], atol=1e-5)
