@@ -68,7 +68,11 @@ def test_bogc_lower_variance_gets_more_weight_per_dimension() -> None:
     _, w = calibrate(g, var)
     assert w[0, 0] > w[1, 0] and w[1, 1] > w[0, 1] and w[1, 3] > w[0, 3]
     assert torch.allclose(w[:, 2], torch.full((2,), 0.5, dtype=torch.float64))
-    assert (w > 0).all() and torch.allclose(w.sum(0), torch.ones(4, dtype=torch.float64))
+    # by hand: precisions [[10, 1, 1, 0.2], [1, 10, 1, 2]] (mean 3.275); dimension 0 has
+    # evidence e = [10, 1] / 3.275, S + 1 = 1 + 11 / 3.275, w_k = (e_k + 1/2) / (S + 1)
+    s1 = 1 + 11 / 3.275
+    expected = torch.tensor([(10 / 3.275 + 0.5) / s1, (1 / 3.275 + 0.5) / s1], dtype=torch.float64)
+    assert torch.allclose(w[:, 0], expected, atol=1e-6)  # ~ [0.8152, 0.1848]
 
 
 def test_bogc_closed_form_equals_pairwise_ds_fusion() -> None:
@@ -94,6 +98,24 @@ def test_bogc_is_finite_for_zero_variance_and_zero_gradients() -> None:
     var = torch.tensor([[0.0] * 5, [1.0] * 5])
     out, w = calibrate(g, var)
     assert torch.isfinite(out).all() and (w[0] > w[1]).all()
+
+
+def test_bogc_ema_variance_by_hand_with_beta_0_9() -> None:
+    rule = BOGCCalibration(beta=0.9)
+    g = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 2.0]]), torch.tensor([[0.0, 5.0]])]
+    for t, row in enumerate(g):
+        var = rule.ema_variance(row.double(), "enc")
+        # weights 0.9^(t-i) on the rows so far; variance of the weighted history
+        w = torch.tensor([0.9 ** (t - i) for i in range(t + 1)], dtype=torch.float64)
+        hist = torch.cat(g[: t + 1]).double()
+        mean = (w[:, None] * hist).sum(0) / w.sum()
+        expected = (w[:, None] * (hist - mean) ** 2).sum(0) / w.sum()
+        assert torch.allclose(var[0], expected, atol=1e-12), t
+    # step 2 by hand, first coordinate: weights (0.9, 1) on (1, 3): mean 2.0526..., var 0.9972...
+    assert float(BOGCCalibration(beta=0.9).ema_variance(g[0], "a")[0, 0]) == 0.0
+    two = BOGCCalibration(beta=0.9)
+    two.ema_variance(g[0], "a")
+    assert float(two.ema_variance(g[1], "a")[0, 0]) == pytest.approx(0.9 * 1.0 / 1.9**2 * 4)
 
 
 def test_bogc_ema_estimator() -> None:

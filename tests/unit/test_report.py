@@ -54,3 +54,37 @@ def test_one_seed_has_no_interval_and_no_p_value() -> None:
 def test_unknown_baseline_is_an_error_naming_the_strategies() -> None:
     with pytest.raises(ValueError, match=r"baseline 'C'.*\['A', 'B'\]"):
         summarise(rows(A=A, B=B), ["test/acc"], baseline="C")
+
+
+def test_markdown_table_cells(tmp_path) -> None:
+    summary = summarise(rows(A=A, B=B, C=[0.9]), ["test/acc"], baseline="A")
+    table = markdown_table(summary, "A").splitlines()
+    assert table[0] == "**test/acc** (mean ± std over seeds, 95% CI; paired by seed vs **A**)"
+    assert table[1] == ""
+    assert table[2].count("|") == 8 and table[3] == "|---|---|---|---|---|---|---|"
+    a, b, c = ([cell.strip() for cell in line.strip("|").split("|")] for line in table[4:])
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)
+    ci = f"[{0.92 - half:.4f}, {0.92 + half:.4f}]"
+    assert a == ["A", "3", "0.9200 ± 0.0200", ci, "(baseline)", "", ""]
+    d = [0.03, 0.03, 0.02]
+    d_half = 4.302652729911275 * stats.tstd(d) / math.sqrt(3)
+    d_mean = sum(d) / 3
+    assert b[4] == f"{d_mean:+.4f} [{d_mean - d_half:.4f}, {d_mean + d_half:.4f}]"
+    assert b[5:] == [f"{stats.ttest_rel(B, A).pvalue:.3f}", "0.250"]
+    # one seed: no interval, no test, one pair
+    assert c[1] == "1" and c[3] == "[n/a, n/a]" and c[4].startswith("+0.0000 [n/a, n/a]")
+    assert c[5] == "n/a"
+    two = markdown_table(summarise(rows(A=A, B=B), ["test/acc", "test/f1"], "A"), "A")
+    assert two.count("**test/acc**") == 1 and "**test/f1**" not in two  # no f1 values given
+
+
+def test_csv_round_trip_keeps_every_key_in_first_seen_order(tmp_path) -> None:
+    import csv
+
+    from mmlearn.evaluation.report import write_csv
+
+    path = tmp_path / "r.csv"
+    write_csv(path, [{"a": 1, "b": 2}, {"b": 3, "c": 4}])
+    with open(path, newline="") as f:
+        got = list(csv.reader(f))
+    assert got == [["a", "b", "c"], ["1", "2", ""], ["", "3", "4"]]
