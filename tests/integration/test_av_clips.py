@@ -28,7 +28,8 @@ def test_decoding_and_the_cache_agree(tmp_path: Path) -> None:
     assert dm.classes == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # CREMA-D's order
     dm.prepare_data()
     meta = json.loads((dm.cache / "meta.json").read_text())
-    assert meta["image_size"] == 32 and len(meta["clips"]["test"]) == 12
+    listed = [r.split(",") for r in (tmp_path / "crema-d" / "test.csv").read_text().split()]
+    assert meta["clips"]["test"] == [[c, dm.classes.index(y)] for c, y in listed]  # in order
     splits = dm.splits
     assert [len(splits[s].target) for s in ("train", "val", "test")] == [30, 6, 12]
     assert splits["train"].inputs["visual"].dtype == torch.uint8
@@ -77,7 +78,8 @@ def test_every_strategy_fits(tmp_path: Path, run_cli, strategy) -> None:
         ENCODERS,
         "--trainer.fast_dev_run=true",
     )
-    assert cli.trainer.state.finished
+    assert cli.trainer.global_step >= 1  # the batch produced an optimiser step
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def _break(folder: Path, what: str) -> str:

@@ -88,7 +88,8 @@ def test_every_strategy_fits(tmp_path: Path, run_cli, strategy) -> None:
         ENCODERS,
         "--trainer.fast_dev_run=true",
     )
-    assert cli.trainer.state.finished
+    assert cli.trainer.global_step >= 1  # the batch produced an optimiser step
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def test_the_miniature_is_learnable(tmp_path: Path, run_cli) -> None:
@@ -176,7 +177,7 @@ def test_every_strategy_fits_multilabel(tmp_path: Path, run_cli, strategy) -> No
         ENCODERS,
         "--trainer.fast_dev_run=true",
     )
-    assert cli.trainer.state.finished and cli.model.multilabel
+    assert cli.trainer.global_step >= 1 and cli.model.multilabel
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 

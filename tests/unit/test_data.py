@@ -50,16 +50,25 @@ def test_synthetic_inter_signal_is_invisible_to_each_modality() -> None:
 
 def test_mfeat_split_and_standardisation(mfeat_root: Path) -> None:
     dm = MultipleFeatures(root=str(mfeat_root), seed=0)
-    assert dm.modalities == list(VIEWS) and dm.num_classes == 10
-    assert dm.input_shapes == {v: [d] for v, d in VIEWS.items()}
+    assert dm.modalities == ["fou", "fac", "kar", "pix", "zer", "mor"]  # UCI's six views
+    dims = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
+    assert dm.input_shapes == {v: [d] for v, d in dims.items()}
     sizes = {s: len(sp.target) for s, sp in dm.splits.items()}
     assert sizes == {"train": 1200, "val": 300, "test": 500}
     assert torch.equal(dm.splits["test"].target.bincount(), torch.full((10,), 50))
+    assert torch.equal(dm.splits["train"].target.bincount(), torch.full((10,), 120))
     train = dm.splits["train"].inputs["fou"]
     assert torch.allclose(train.mean(0), torch.zeros(76), atol=1e-4)
     assert torch.allclose(train.std(0), torch.ones(76), atol=1e-3)
-    # the test split was standardised with train statistics, not its own
-    assert not torch.allclose(dm.splits["test"].inputs["fou"].mean(0), torch.zeros(76), atol=1e-3)
+    # one map (train's, as train is z-scored) for every split: the served values of all splits
+    # together are, feature by feature, an exact affine image of the raw column; a row served
+    # twice or left out, or a split standardised with its own statistics, breaks it
+    raw = np.loadtxt(mfeat_root / "mfeat" / "mfeat-fou")
+    served = torch.cat([dm.splits[s].inputs["fou"] for s in ("train", "val", "test")]).numpy()
+    for j in range(76):
+        a, b = np.sort(raw[:, j]), np.sort(served[:, j].astype(np.float64))
+        slope, intercept = np.polyfit(a, b, 1)
+        assert np.abs(slope * a + intercept - b).max() < 1e-4, f"fou column {j}"
     other = MultipleFeatures(root=str(mfeat_root), seed=1, views=["pix", "mor"], pix_as_image=True)
     assert other.input_shapes == {"pix": [1, 16, 15], "mor": [6]}
     assert not torch.equal(other.splits["test"].inputs["mor"], dm.splits["test"].inputs["mor"])

@@ -152,6 +152,6 @@ class AVMNIST(MultimodalDataModule):
             arrays = parts[part]
             image = _compact(arrays["image"][rows]).reshape(-1, 1, 28, 28)
             audio = _compact(arrays["audio"][rows]).reshape(-1, 1, 112, 112)
-            target = torch.from_numpy(np.asarray(arrays["label"][rows], dtype=np.int64))
+            target = torch.from_numpy(np.array(arrays["label"][rows], dtype=np.int64))  # a copy
             splits[name] = Split({"image": image, "audio": audio}, target)
         return splits
