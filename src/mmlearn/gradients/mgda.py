@@ -32,27 +32,32 @@ def _frank_wolfe(gram: Tensor, w: Tensor, iters: int, tol: float) -> Tensor:
 def _exact_small(gram: Tensor) -> Tensor:
     """Exact minimiser for a few objectives: the best face minimiser over all supports.
 
-    On support S the minimiser of ``w^T G w`` with ``sum w = 1`` is ``G_S^+ 1 / (1^T G_S^+ 1)``;
-    the global minimum is attained at the feasible (non-negative) one of smallest value.
+    On support S the minimiser of ``w^T G w`` subject to ``sum w = 1`` solves the KKT system
+    ``[[G_S, 1], [1^T, 0]] [w; lam] = [0; 1]``. Solved by least squares it is exact also when
+    ``G_S`` is singular (opposed or collinear gradients, where the minimum can be 0): at the
+    smallest support holding a global minimiser that minimiser is the system's unique solution
+    and it is feasible, so the feasible face solution of least value is the global minimum.
     """
     n = gram.shape[0]
     best, best_val = None, float("inf")
     for mask in range(1, 2**n):
         idx = [i for i in range(n) if mask >> i & 1]
-        sub = torch.linalg.pinv(gram[idx][:, idx])
-        v = sub.sum(1)
-        total = float(v.sum())
-        if total <= 1e-15:
+        k = len(idx)
+        kkt = gram.new_zeros(k + 1, k + 1)
+        kkt[:k, :k] = gram[idx][:, idx]
+        kkt[:k, k] = kkt[k, :k] = 1
+        rhs = gram.new_zeros(k + 1, 1)
+        rhs[k] = 1
+        w_s = torch.linalg.pinv(kkt) @ rhs
+        w_s = w_s[:k, 0]
+        if float(w_s.min()) < -1e-9:
             continue
-        w_s = v / total
-        if float(w_s.min()) < -1e-12:
-            continue
-        w = torch.zeros(n, dtype=gram.dtype, device=gram.device)
+        w = gram.new_zeros(n)
         w[idx] = w_s.clamp_min(0) / w_s.clamp_min(0).sum()
         val = float(w @ gram @ w)
         if val < best_val:
             best, best_val = w, val
-    assert best is not None  # every vertex (|S| = 1 with G_ii > 0) is feasible
+    assert best is not None  # every vertex (|S| = 1) is feasible
     return best
 
 
@@ -60,8 +65,8 @@ def min_norm_weights(gram: Tensor, iters: int = 1000, tol: float = 1e-12) -> Ten
     """Simplex weights ``w [n]`` minimising ``w^T gram w`` (``gram = G G^T`` of the rows).
 
     Two objectives: the closed form ``w_1 = clip((g2 - g1).g2 / |g1 - g2|^2, 0, 1)``
-    (Sener and Koltun, Algorithm 1). Up to 8: exact, by the face minimisers of every support,
-    polished by Frank-Wolfe. More: Frank-Wolfe (their Algorithm 2) from the uniform weights.
+    (Sener and Koltun, Algorithm 1). Up to 8: exact, by the face minimisers of every support
+    (also on degenerate faces). More: Frank-Wolfe (their Algorithm 2) from the uniform weights.
     """
     n = gram.shape[0]
     if n == 1:
@@ -73,8 +78,8 @@ def min_norm_weights(gram: Tensor, iters: int = 1000, tol: float = 1e-12) -> Ten
         else:
             w1 = ((gram[1, 1] - gram[0, 1]) / denom).clamp(0, 1)
         return torch.stack([w1, 1 - w1])
-    if n <= 8 and float(gram.diagonal().min()) > 0:
-        return _frank_wolfe(gram, _exact_small(gram), 20, tol)
+    if n <= 8:
+        return _exact_small(gram)
     return _frank_wolfe(gram, torch.full((n,), 1.0 / n, dtype=gram.dtype), iters, tol)
 
 
