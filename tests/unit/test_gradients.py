@@ -216,3 +216,67 @@ def test_min_norm_weights_keep_the_gramians_dtype(n: int) -> None:
     w = min_norm_weights(r @ r.T)
     assert w.dtype == torch.float32 and w.shape == (n,)
     assert abs(float(w.sum()) - 1) < 1e-5
+
+
+def test_reduced_ds_rule_on_general_opinions_by_hand() -> None:
+    # two opinions over two classes (Han et al., ICLR 2021): conflict C = 0.5*0.4 + 0.2*0.4
+    b1, u1 = torch.tensor([[0.5], [0.2]]), torch.tensor([0.3])
+    b2, u2 = torch.tensor([[0.4], [0.4]]), torch.tensor([0.2])
+    b, u = ds_combine(b1, u1, b2, u2)
+    scale = 1 / (1 - 0.28)
+    expected = torch.tensor([[0.2 + 0.1 + 0.12], [0.08 + 0.04 + 0.12]]) * scale
+    torch.testing.assert_close(b, expected)
+    torch.testing.assert_close(u, torch.tensor([0.06 * scale]))
+    torch.testing.assert_close(b.sum(0) + u, torch.ones(1))
+
+
+def test_evidence_is_capped_and_uses_the_documented_eps() -> None:
+    var = torch.ones(1, 3001, dtype=torch.float64)
+    var[0, 0] = 0.0  # a dead coordinate: precision 1/eps = 1e8
+    e = evidence(var)
+    mean = (1e8 + 3000 / (1 + 1e-8)) / 3001
+    assert float(e[0, 0]) == 1000.0  # e_max: 1e3 by default
+    assert float(e[0, 1]) == pytest.approx(1 / (1 + 1e-8) / mean, rel=1e-9)
+    assert float(evidence(var, e_max=5e3)[0, 0]) == pytest.approx(1e8 / mean, rel=1e-9)
+    # calibrate passes the cap on: weights from capped evidence
+    mu = torch.ones(2, 3001, dtype=torch.float64)
+    var2 = torch.cat([var, torch.ones_like(var)])
+    _, w = calibrate(mu, var2)
+    e2 = evidence(var2)
+    assert float(e2[0, 0]) == 1000.0
+    assert float(w[0, 0]) == pytest.approx((1000 + 0.5) / (1000 + float(e2[1, 0]) + 1))
+    _, w_rule = BOGCCalibration().combine(mu, "g", var2)
+    torch.testing.assert_close(w_rule, w)
+
+
+def test_bogc_rule_defaults_and_beta_range() -> None:
+    rule = BOGCCalibration()
+    assert (rule.beta, rule.eps, rule.e_max) == (0.9, 1e-8, 1e3)
+    BOGCCalibration(beta=0.0)  # no memory: allowed
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"BOGC: beta={bad}; expected 0 <= beta < 1"):
+            BOGCCalibration(beta=bad)
+
+
+def test_rules_called_directly_pass_the_variance_and_keep_dtype() -> None:
+    g = rows(2, p=1)  # two objectives, ONE dimension
+    var = torch.tensor([[0.1], [1.0]], dtype=torch.float64)
+    out = BOGCCalibration()(g, "enc", var)
+    torch.testing.assert_close(out, calibrate(g, var)[0])
+    assert not torch.allclose(out, g.sum(0))  # calibrated, not summed
+    _, w = Sum().combine(rows(3, p=5))
+    assert w.dtype == torch.float64 and w.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_bogc_rule_state_round_trips() -> None:
+    a, b = BOGCCalibration(beta=0.8), BOGCCalibration(beta=0.8)
+    for seed in range(3):
+        a(rows(2, seed=seed), "enc")
+    b.load_state_dict(a.state_dict(), torch.device("cpu"))
+    state = a.state_dict()["state"]
+    assert set(state) == {"enc"} and state["enc"][2] == pytest.approx(1 + 0.8 + 0.64)
+    nxt = rows(2, seed=9)
+    torch.testing.assert_close(b(nxt, "enc"), a(nxt, "enc"))
+    fresh = BOGCCalibration(beta=0.8)
+    fresh.load_state_dict({}, None)
+    assert fresh.state == {}
