@@ -213,3 +213,36 @@ def test_logged_multilabel_f1_is_the_macro_over_labels_of_the_predictions() -> N
     assert per_label.std() > 0.05  # unequal per-label F1
     assert logged["test/f1"] == pytest.approx(per_label.mean(), abs=1e-6)
     assert logged["test/acc"] == pytest.approx((decided == truth).mean(), abs=1e-6)
+
+
+def test_stage_metrics_build_one_collection_per_stage_and_experts_only_when_asked() -> None:
+    from mmlearn.metrics import key, stage_metrics
+
+    final, experts = stage_metrics(4, ["a", "b"], with_experts=False)
+    assert set(final) == {"stage_train", "stage_val", "stage_test"} and len(experts) == 0
+    assert key("val") == "stage_val"
+    assert set(final["stage_val"].keys(keep_base=False)) == {"val/acc", "val/f1"}
+    final, experts = stage_metrics(4, ["a", "b"], with_experts=True)
+    assert set(experts) == set(final)
+    test = experts["stage_test"]
+    assert set(test.keys(keep_base=False)) == {"test/acc/a", "test/acc/b"}
+    # single-label by default: class indices against argmax of the scores, 4 classes
+    y = torch.tensor([0, 1, 2, 3, 3])
+    scores = F.one_hot(torch.tensor([0, 1, 2, 3, 0]), 4).float()
+    test["a"].update(scores, y)
+    assert float(test["a"].compute()) == pytest.approx(0.8)
+
+
+def test_multilabel_stage_metrics_score_every_label_of_every_expert() -> None:
+    from mmlearn.metrics import stage_metrics
+
+    final, experts = stage_metrics(3, ["a"], with_experts=True, multilabel=True)
+    target = torch.tensor([[1, 0, 1], [0, 1, 1]])
+    probs = torch.tensor([[0.9, 0.2, 0.4], [0.1, 0.8, 0.7]])  # 5 of 6 decisions right
+    experts["stage_val"]["a"].update(probs, target)
+    assert float(experts["stage_val"]["a"].compute()) == pytest.approx(5 / 6)
+    final["stage_val"].update(probs, target)
+    got = final["stage_val"].compute()
+    assert float(got["val/acc"]) == pytest.approx(5 / 6)
+    # per-label F1: label 0: 1, label 1: 1, label 2: tp 1, fn 1 -> 2/3; macro = 8/9
+    assert float(got["val/f1"]) == pytest.approx(8 / 9)

@@ -88,3 +88,40 @@ def test_csv_round_trip_keeps_every_key_in_first_seen_order(tmp_path) -> None:
     with open(path, newline="") as f:
         got = list(csv.reader(f))
     assert got == [["a", "b", "c"], ["1", "2", ""], ["", "3", "4"]]
+
+
+def test_two_seeds_give_an_interval_and_p_values() -> None:
+    (a, b) = summarise(rows(A=A[:2], B=B[:2]), ["test/acc"], baseline="A")
+    half = 12.706204736174707 * stats.tstd(A[:2]) / math.sqrt(2)  # t_{0.975, 1}
+    assert a["ci_low"] == pytest.approx(0.91 - half) and a["ci_high"] == pytest.approx(0.91 + half)
+    assert b["p_ttest"] == pytest.approx(stats.ttest_rel(B[:2], A[:2]).pvalue)
+    assert b["p_wilcoxon"] == pytest.approx(0.5)
+
+
+def test_one_nonzero_pair_has_no_p_value() -> None:
+    (_, b) = summarise(rows(A=[0.5], B=[0.6]), ["test/acc"], baseline="A")
+    assert b["diff"] == pytest.approx(0.1) and math.isnan(b["p_ttest"])
+    assert math.isnan(b["p_wilcoxon"])
+
+
+def test_a_strategy_without_shared_seeds_says_no_pairs() -> None:
+    runs = rows(A=A) + [{"strategy": "C", "seed": 7, "test/acc": 0.5}]
+    runs += [
+        {"strategy": "A", "seed": 0, "test/f1": 0.8},
+        {"strategy": "A", "seed": 1, "test/f1": 0.9},
+    ]
+    summary = summarise(runs, ["test/acc", "test/f1"], baseline="A")
+    assert [(e["strategy"], e["metric"]) for e in summary] == [
+        ("A", "test/acc"),
+        ("C", "test/acc"),
+        ("A", "test/f1"),
+    ]
+    text = markdown_table(summary, "A")
+    blocks = text.split("\n\n**")
+    assert len(blocks) == 2 and blocks[1].startswith("test/f1**")
+    lines = text.splitlines()
+    assert lines[2] == (
+        "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) | p (W) |"
+    )
+    c_row = [cell.strip() for cell in lines[5].strip("|").split("|")]
+    assert c_row[0] == "C" and c_row[4:] == ["no pairs", "", ""]
