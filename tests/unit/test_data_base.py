@@ -78,9 +78,10 @@ def test_standardize_uses_train_statistics_only() -> None:
     test = torch.tensor([[3.0, 7.0, 0.0]])
     ids = torch.tensor([[1], [2], [3]])
     splits = {
-        "train": Split({"x": train.clone(), "ids": ids.clone()}, torch.zeros(3, dtype=torch.long)),
+        # the integer modality first: it is skipped, the float one after it still standardised
+        "train": Split({"ids": ids.clone(), "x": train.clone()}, torch.zeros(3, dtype=torch.long)),
         "test": Split(
-            {"x": test.clone(), "ids": ids[:1].clone()}, torch.zeros(1, dtype=torch.long)
+            {"ids": ids[:1].clone(), "x": test.clone()}, torch.zeros(1, dtype=torch.long)
         ),
     }
     standardize(splits)
@@ -118,6 +119,9 @@ def test_loaders_batch_every_split_in_order_except_train() -> None:
     assert [len(b) for b in train] == [4, 4, 2]  # the last partial batch is kept
     assert sorted(sum(train, [])) == list(range(10)) and sum(train, []) != list(range(10))
     assert len(SplitDataset(dm.splits["train"])) == 10
+    workers = Given(three(10), batch_size=4, num_workers=2).val_dataloader()
+    assert workers.num_workers == 2 and workers.persistent_workers
+    assert not dm.val_dataloader().persistent_workers and dm.val_dataloader().num_workers == 0
 
 
 def test_seed_follows_seed_everything(monkeypatch: pytest.MonkeyPatch) -> None:
