@@ -6,7 +6,7 @@ DATA   ?= data
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install data demo test bench lint clean
+.PHONY: help install data demo test mutate bench lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,6 +36,14 @@ demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print 
 
 test: install data  ## run the test suite (PYTEST_ARGS=... to select)
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+mutate: install data  ## mutation testing (mutmut) of the reported numerics; writes tests/mutation/REPORT.md
+	$(PY) -m pip install -q 'mutmut==3.8.1'
+	rm -rf mutants
+	# one thread per mutant process: torch's pools are not fork-safe and 2 mutants run at once
+	OMP_NUM_THREADS=1 MMLEARN_DATA=$(abspath $(DATA)) $(VENV)/bin/mutmut run --max-children 2 \
+		> mutmut.log 2>&1 || { tail -n 40 mutmut.log; exit 1; }
+	$(PY) tests/mutation/report.py --min-score 85
 
 bench: install  ## step cost of every strategy, loader throughput raw vs cached; benchmarks/results/*.json
 	$(PY) benchmarks/step_cost.py --size cpu

@@ -115,6 +115,9 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
         writer.writerows(rows)
 
 
+# Drawing only (positions, colours, sizes): the numbers it draws come from `summarise`, which the
+# mutation tests cover; a mutant here changes the picture's looks, not a reported figure.
+# pragma: no mutate start
 def plot(rows: Sequence[Row], summary: Sequence[Row], path: Path) -> None:
     """One panel per metric: each seed as a dot, the mean with its 95% CI as a bar."""
     import matplotlib
@@ -151,3 +154,6 @@ def plot(rows: Sequence[Row], summary: Sequence[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# pragma: no mutate end
