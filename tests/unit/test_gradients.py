@@ -280,3 +280,32 @@ def test_bogc_rule_state_round_trips() -> None:
     fresh = BOGCCalibration(beta=0.8)
     fresh.load_state_dict({}, None)
     assert fresh.state == {}
+
+
+def test_mgda_normalize_solves_on_unit_rows_and_weights_the_original_ones() -> None:
+    g1 = torch.tensor([3.0, 0.0], dtype=torch.float64)  # |g1| = 3
+    g2 = torch.tensor([0.0, 0.5], dtype=torch.float64)  # |g2| = 0.5
+    d, w = MGDA(normalize=True).combine(torch.stack([g1, g2]))
+    # unit rows e1 and e2 are orthogonal and of equal length: min-norm weights (1/2, 1/2)
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(d, 0.5 * g1 + 0.5 * g2)
+    # without normalisation the short row dominates: w1 = |g2|^2 / |g1 - g2|^2
+    _, w_plain = MGDA().combine(torch.stack([g1, g2]))
+    assert float(w_plain[0]) == pytest.approx(0.25 / 9.25)
+    # a zero row stays finite: its unit row is 0, so it takes all the weight
+    d0, w0 = MGDA(normalize=True).combine(torch.stack([g1, torch.zeros(2, dtype=torch.float64)]))
+    assert torch.isfinite(d0).all() and w0.tolist() == [0.0, 1.0] and d0.abs().max() == 0
+
+
+def test_frank_wolfe_stops_at_an_optimal_vertex_and_on_identical_rows() -> None:
+    from mmlearn.gradients import min_norm_weights
+
+    r = torch.zeros(10, 2, dtype=torch.float64)
+    r[0, 0], r[1:, 0] = 0.01, 1.0  # the best point is vertex 0; the line search overshoots it
+    w = min_norm_weights(r @ r.T)
+    assert w.tolist() == [1.0] + [0.0] * 9
+    same = torch.ones(10, 3, dtype=torch.float64)
+    w_same = min_norm_weights(same @ same.T)
+    assert w_same is not None and torch.allclose(
+        w_same, torch.full((10,), 0.1, dtype=torch.float64)
+    )

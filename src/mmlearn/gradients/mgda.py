@@ -92,8 +92,9 @@ class MGDA(Rule):
     Args:
         scale: multiplies the min-norm point. 1 is the paper's update; ``n`` (the number of
             objectives) puts its step size on the same footing as :class:`Sum`.
-        normalize: scale each row to unit norm before solving (the "l2" normalisation of
-            Sener and Koltun's code); the weights then apply to the original rows.
+        normalize: solve for the weights on the rows scaled to unit norm (the "l2" gradient
+            normalisation of Sener and Koltun's code), then apply them to the ORIGINAL rows, as
+            their training loop does (it weights the unnormalised losses).
     """
 
     def __init__(self, scale: float = 1.0, normalize: bool = False) -> None:
@@ -106,6 +107,4 @@ class MGDA(Rule):
         if self.normalize:
             r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
         w = min_norm_weights(r @ r.T)
-        if self.normalize:
-            w = w / rows.double().norm(dim=1).clamp_min(1e-12) * r.norm(dim=1)
         return self.scale * (w.to(rows.dtype) @ rows), w.to(rows.dtype)
