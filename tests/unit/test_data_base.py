@@ -217,3 +217,12 @@ def test_multilabel_targets_are_checked() -> None:
     bad[2, 1] = 2
     with pytest.raises(MMLearnError, match=r"ml.jsonl: val sample 2 has target \[0, 2, 0\]"):
         data(bad).setup("fit")
+
+
+def test_multilabel_errors_without_a_source_name_the_class() -> None:
+    splits = three()
+    for s in splits.values():
+        s.target = multihot(len(s.target))
+    splits["test"].target = torch.zeros(5, dtype=torch.long)
+    with pytest.raises(MMLearnError, match=r"^Given: test multi-label targets have shape \[5\]"):
+        Given(splits, multilabel=True).setup("fit")

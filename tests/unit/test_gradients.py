@@ -309,3 +309,22 @@ def test_frank_wolfe_stops_at_an_optimal_vertex_and_on_identical_rows() -> None:
     assert w_same is not None and torch.allclose(
         w_same, torch.full((10,), 0.1, dtype=torch.float64)
     )
+
+
+def test_ds_rule_keeps_dimensions_apart_and_the_cap_is_passed_on() -> None:
+    b1 = torch.tensor([[0.5, 0.1], [0.2, 0.6]])
+    b2 = torch.tensor([[0.4, 0.3], [0.4, 0.3]])
+    u1, u2 = 1 - b1.sum(0), 1 - b2.sum(0)
+    b, u = ds_combine(b1, u1, b2, u2)
+    for j in range(2):  # each dimension fused on its own
+        bj, uj = ds_combine(b1[:, j : j + 1], u1[j : j + 1], b2[:, j : j + 1], u2[j : j + 1])
+        torch.testing.assert_close(b[:, j], bj[:, 0])
+        torch.testing.assert_close(u[j], uj[0])
+    var = torch.ones(2, 3001, dtype=torch.float64)
+    var[0, 0] = 0.0
+    mu = torch.ones_like(var)
+    _, w_low = calibrate(mu, var)  # evidence capped at 1e3
+    _, w_high = calibrate(mu, var, e_max=1e9)
+    _, w_rule = BOGCCalibration(e_max=1e9).combine(mu, "g", var)
+    assert 1 - float(w_low[0, 0]) > 3 * (1 - float(w_high[0, 0]))  # the cap bites
+    torch.testing.assert_close(w_rule, w_high)
