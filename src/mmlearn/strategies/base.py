@@ -285,7 +285,10 @@ class MultimodalModule(pl.LightningModule):
         if self.has_experts:
             experts = cast(MetricCollection, self.expert_metrics[key(stage)])
             for m in self.modalities:
-                experts[m].update(outputs[m], batch.target)  # logits: sigmoid/argmax inside
+                # multi-label: probabilities, as above (logits that all lie in [0, 1] would be
+                # taken for probabilities and thresholded at 0.5); single-label: logits (argmax)
+                z = outputs[m]
+                experts[m].update(self.log_proba(z).exp() if self.multilabel else z, batch.target)
             self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
         return log_probs
 
