@@ -311,7 +311,7 @@ def test_the_manual_step_checks_the_batch_as_a_training_batch() -> None:
 
 def test_the_diagnostic_local_statistics_is_off_by_default() -> None:
     for cls in (MultiObjective, MIMO, BOGC):
-        assert build(cls).hparams["local_statistics"] is False
+        assert build(cls).local_statistics is False
 
 
 @pytest.mark.parametrize("cls", [MultiObjective, MIMO])
