@@ -95,7 +95,7 @@ class FashionMNISTViews(MultimodalDataModule):
         layout: ``halves`` (top/bottom ``[1, 14, 28]``), ``left_right`` (``[1, 28, 14]``) or
             ``quadrants`` (4 views ``[1, 14, 14]``).
         val_fraction: share of the training images used for validation.
-        limit_train: keep only this many training images (a seeded stratified subset; quick runs).
+        limit_train: keep only this many training images (a seeded random subset; quick runs).
         limit_test: keep only the first this-many test images.
     """
 
