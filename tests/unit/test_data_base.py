@@ -69,7 +69,11 @@ def test_stratified_split_sizes_per_class_and_partition() -> None:
     ("val", "test"), [(-0.1, 0.2), (1.0, 0.2), (0.2, 0.0), (0.2, 1.0), (0.5, 0.5), (0.6, 0.5)]
 )
 def test_stratified_split_refuses_bad_fractions(val: float, test: float) -> None:
-    with pytest.raises(MMLearnError, match=rf"val_fraction={val}, test_fraction={test}: expected"):
+    message = (
+        rf"val_fraction={val}, test_fraction={test}: expected fractions in \[0, 1\) with test > 0 "
+        r"and val \+ test < 1$"
+    )
+    with pytest.raises(MMLearnError, match=message):
         stratified_split(torch.zeros(10, dtype=torch.long), val, test, seed=0)
 
 
@@ -122,10 +126,11 @@ def test_loaders_batch_every_split_in_order_except_train() -> None:
     workers = Given(three(10), batch_size=4, num_workers=2).val_dataloader()
     assert workers.num_workers == 2 and workers.persistent_workers
     assert not dm.val_dataloader().persistent_workers and dm.val_dataloader().num_workers == 0
+    assert Given(three(10), num_workers=1).val_dataloader().persistent_workers
 
 
 def test_seed_follows_seed_everything(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Given(three()).seed == 0
+    assert Given(three()).seed == 0 and Given(three()).batch_size == 64  # the documented default
     monkeypatch.setenv("PL_GLOBAL_SEED", "17")
     assert Given(three()).seed == 17 and Given(three(), seed=2).seed == 2
     with pytest.raises(MMLearnError, match=r"data.batch_size=0; expected >= 1"):

@@ -328,3 +328,39 @@ def test_ds_rule_keeps_dimensions_apart_and_the_cap_is_passed_on() -> None:
     _, w_rule = BOGCCalibration(e_max=1e9).combine(mu, "g", var)
     assert 1 - float(w_low[0, 0]) > 3 * (1 - float(w_high[0, 0]))  # the cap bites
     torch.testing.assert_close(w_rule, w_high)
+
+
+def test_frank_wolfe_stops_when_the_line_search_step_is_zero() -> None:
+    from mmlearn.gradients import min_norm_weights
+
+    r = torch.ones(10, 2, dtype=torch.float64)
+    r[9, 1] = 0.0  # [1, 0] is the min-norm point; every row has the same product with it
+    w = min_norm_weights(r @ r.T)
+    assert w is not None
+    torch.testing.assert_close(w, torch.eye(10, dtype=torch.float64)[9], atol=1e-12, rtol=0)
+
+
+def test_eight_objectives_are_solved_exactly() -> None:
+    from mmlearn.gradients import min_norm_weights
+
+    r = torch.randn(8, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    r[5] = -0.3 * r[2]  # a degenerate face: Frank-Wolfe would stop short of 0
+    w = min_norm_weights(r @ r.T)
+    assert float((w @ r).norm()) < 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_min_norm_weights_keep_float64(n: int) -> None:
+    from mmlearn.gradients import min_norm_weights
+
+    same = torch.ones(n, 4, dtype=torch.float64)  # identical rows: the two-objective tie too
+    w = min_norm_weights(same @ same.T)
+    assert w.dtype == torch.float64 and abs(float(w.sum()) - 1) < 1e-12
+
+
+def test_mgda_normalize_scales_rows_not_columns() -> None:
+    g = torch.tensor([[3.0, 0.0, 4.0], [0.0, 1.0, 0.0]], dtype=torch.float64)  # norms 5 and 1
+    d, w = MGDA(normalize=True).combine(g)
+    # unit rows [0.6, 0, 0.8] and [0, 1, 0] are orthogonal: weights (1/2, 1/2)
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(d, 0.5 * g[0] + 0.5 * g[1])

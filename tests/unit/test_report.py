@@ -27,7 +27,7 @@ def test_interval_and_paired_test_numbers() -> None:
     half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t_{0.975, 2}
     assert (a["ci_low"], a["ci_high"]) == (pytest.approx(0.92 - half), pytest.approx(0.92 + half))
     assert "diff" not in a  # the baseline is not tested against itself
-    assert b["diff"] == pytest.approx(0.08 / 3)
+    assert b["diff"] == pytest.approx(0.08 / 3) and b["pairs"] == 3
     # paired by seed: exactly scipy's related-samples t-test, here t = 8 on 2 df
     assert b["p_ttest"] == pytest.approx(stats.ttest_rel(B, A).pvalue)
     assert b["p_ttest"] == pytest.approx(0.015268, abs=1e-5)
@@ -106,16 +106,14 @@ def test_one_nonzero_pair_has_no_p_value() -> None:
 
 def test_a_strategy_without_shared_seeds_says_no_pairs() -> None:
     runs = rows(A=A) + [{"strategy": "C", "seed": 7, "test/acc": 0.5}]
+    runs += [{"strategy": "D", "seed": 0, "test/f1": 0.7}]  # D has f1 only, C has no f1
     runs += [
         {"strategy": "A", "seed": 0, "test/f1": 0.8},
         {"strategy": "A", "seed": 1, "test/f1": 0.9},
     ]
     summary = summarise(runs, ["test/acc", "test/f1"], baseline="A")
-    assert [(e["strategy"], e["metric"]) for e in summary] == [
-        ("A", "test/acc"),
-        ("C", "test/acc"),
-        ("A", "test/f1"),
-    ]
+    got = [(e["strategy"], e["metric"]) for e in summary]
+    assert got == [("A", "test/acc"), ("C", "test/acc"), ("A", "test/f1"), ("D", "test/f1")]
     text = markdown_table(summary, "A")
     blocks = text.split("\n\n**")
     assert len(blocks) == 2 and blocks[1].startswith("test/f1**")
