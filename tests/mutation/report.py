@@ -76,10 +76,10 @@ def main() -> int:
         "",
         "Written by `make mutate` (mutmut over the fast tests in `tests/unit`). Score = killed /",
         "(mutants - equivalent); equivalent mutants are listed with their reason in",
-        "`tests/mutation/equivalent.txt`.",
+        "`tests/mutation/equivalent.txt`; the last column counts them as survivors.",
         "",
-        "| module | mutants | killed | equivalent | survived | no test | score |",
-        "|---|---|---|---|---|---|---|",
+        "| module | mutants | killed | equivalent | survived | no test | score | killed / all |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     failing = []
     totals: collections.Counter[str] = collections.Counter()
@@ -93,13 +93,13 @@ def main() -> int:
             failing.append(mod)
         lines.append(
             f"| `{mod}` | {n} | {c['killed']} | {c['equivalent']} | {c['survived']} | "
-            f"{c['no tests']} | {score:.1f}% |"
+            f"{c['no tests']} | {score:.1f}% | {100.0 * c['killed'] / n:.1f}% |"
         )
     n = sum(totals.values())
     score = 100.0 * totals["killed"] / max(1, n - totals["equivalent"])
     lines.append(
         f"| **all** | {n} | {totals['killed']} | {totals['equivalent']} | {totals['survived']} "
-        f"| {totals['no tests']} | {score:.1f}% |"
+        f"| {totals['no tests']} | {score:.1f}% | {100.0 * totals['killed'] / max(1, n):.1f}% |"
     )
     lines += ["", "## Open survivors", ""]
     for mod in sorted(open_survivors):
