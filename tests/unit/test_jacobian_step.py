@@ -328,11 +328,8 @@ def test_local_statistics_trains_like_the_synced_step_on_one_process(cls: type) 
     assert moved
 
 
-def test_manual_logging_of_losses_and_weights() -> None:
-    model = build(MultiObjective, rule=Sum(), lr=0.0)
-    replayed = copy.deepcopy(model)
-    data = make_data(n_train=40)  # batches of 24 and 16
-    batches = first_batches(data)
+def fit_one_epoch_without_batch_size_inference(model: Any, data: Any) -> pl.Trainer:
+    """One epoch; every logged value must name its batch size (Lightning warns when it guesses)."""
     pl_data.warning_cache.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -340,6 +337,15 @@ def test_manual_logging_of_losses_and_weights() -> None:
         fitted.fit(model, datamodule=data)
     ambiguous = [w for w in caught if "infer the `batch_size`" in str(w.message)]
     assert not ambiguous, ambiguous[0].message
+    return fitted
+
+
+def test_manual_logging_of_losses_and_weights() -> None:
+    model = build(MultiObjective, rule=Sum(), lr=0.0)
+    replayed = copy.deepcopy(model)
+    data = make_data(n_train=40)  # batches of 24 and 16
+    batches = first_batches(data)
+    fitted = fit_one_epoch_without_batch_size_inference(model, data)
     metrics = fitted.callback_metrics
     last = batches[-1]
     with torch.no_grad():
@@ -600,12 +606,7 @@ def test_mimo_logs_per_step_scalars_whose_epoch_value_is_the_plain_mean() -> Non
     replayed = copy.deepcopy(model)
     data = make_data(n_train=40)  # batches of 24 and 16: a size-weighted mean would differ
     batches = first_batches(data)
-    pl_data.warning_cache.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fitted = trainer(max_epochs=1, max_steps=-1)
-        fitted.fit(model, datamodule=data)
-    assert not [w for w in caught if "infer the `batch_size`" in str(w.message)]
+    fitted = fit_one_epoch_without_batch_size_inference(model, data)
     metrics = fitted.callback_metrics
     assert [b.size for b in batches] == [24, 16]
     pis, losses = [], []
