@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import re
-import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import data as pl_data
 from torch import Tensor, nn
 
+from helpers import fit_recording_warnings  # noqa: I001  (tests/helpers.py)
 from mmlearn.batch import MultimodalBatch
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.errors import MMLearnError
@@ -35,6 +33,7 @@ from mmlearn.strategies import _jacobian as jac
 from mmlearn.strategies._jacobian import ParamGroup
 from mmlearn.strategies.bogc import last_layer_moments
 from mmlearn.strategies.multi_objective import refuse_float16
+from reference import ds_weights, groups_of, late_outputs, rows_of
 
 SHAPES = {"m0": [3], "m1": [2]}
 K = 3
@@ -107,46 +106,6 @@ def sample_batch(n: int, multilabel: bool = False, seed: int = 1) -> MultimodalB
     else:
         target = torch.randint(0, K, (n,), generator=gen)
     return MultimodalBatch(inputs=inputs, target=target)
-
-
-def late_outputs(model: nn.Module, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``{"fused": z_J, m: h_m(phi_m(x_m))}`` written out from the model's sub-modules."""
-    feats = {m: enc(x[m]) for m, enc in model.joint.encoders.items()}
-    out = {"fused": model.joint.head(model.joint.fusion(feats))}
-    return out | {m: model.heads[m](feats[m]) for m in feats}
-
-
-def groups_of(model: nn.Module) -> list[tuple[str, list[nn.Parameter], list[str]]]:
-    mods = list(model.joint.encoders)
-    out = [(f"encoder.{m}", list(model.joint.encoders[m].parameters()), ["fused", m]) for m in mods]
-    out.append(
-        (
-            "fused_head",
-            [*model.joint.fusion.parameters(), *model.joint.head.parameters()],
-            ["fused"],
-        )
-    )
-    return out + [(f"head.{m}", list(model.heads[m].parameters()), [m]) for m in mods]
-
-
-def rows_of(model: nn.Module, x: Mapping[str, Tensor], y: Tensor) -> dict[str, Tensor]:
-    """``{group: [n_objectives, P]}`` by one autograd call per (objective, group)."""
-    losses = {k: F.cross_entropy(z, y) for k, z in late_outputs(model, x).items()}
-    rows = {}
-    for name, params, objectives in groups_of(model):
-        per = []
-        for k in objectives:
-            grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
-            per.append(
-                torch.cat(
-                    [
-                        (torch.zeros_like(p) if g is None else g).flatten()
-                        for p, g in zip(params, grads, strict=True)
-                    ]
-                )
-            )
-        rows[name] = torch.stack(per)
-    return rows
 
 
 # ---- validate_groups ----------------------------------------------------------------------------
@@ -328,24 +287,15 @@ def test_local_statistics_trains_like_the_synced_step_on_one_process(cls: type) 
     assert moved
 
 
-def fit_one_epoch_without_batch_size_inference(model: Any, data: Any) -> pl.Trainer:
-    """One epoch; every logged value must name its batch size (Lightning warns when it guesses)."""
-    pl_data.warning_cache.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fitted = trainer(max_epochs=1, max_steps=-1)
-        fitted.fit(model, datamodule=data)
-    ambiguous = [w for w in caught if "infer the `batch_size`" in str(w.message)]
-    assert not ambiguous, ambiguous[0].message
-    return fitted
-
-
 def test_manual_logging_of_losses_and_weights() -> None:
     model = build(MultiObjective, rule=Sum(), lr=0.0)
     replayed = copy.deepcopy(model)
     data = make_data(n_train=40)  # batches of 24 and 16
     batches = first_batches(data)
-    fitted = fit_one_epoch_without_batch_size_inference(model, data)
+    fitted = trainer(max_epochs=1, max_steps=-1)
+    caught = fit_recording_warnings(fitted, model, data)
+    ambiguous = [w for w in caught if "infer the `batch_size`" in w]
+    assert not ambiguous, ambiguous[0]
     metrics = fitted.callback_metrics
     last = batches[-1]
     with torch.no_grad():
@@ -440,19 +390,12 @@ def test_bogc_validates_its_options() -> None:
         assert build(BOGC, variance=variance, n_chunks=1).variance == variance
 
 
-def reference_weights(var: Tensor, eps: float, e_max: float) -> Tensor:
-    """``w_k = (e_k + 1/n) / (sum_k e_k + 1)``, ``e = min(lambda / mean(lambda), e_max)``."""
-    lam = 1.0 / (var + eps)
-    e = torch.minimum(lam / lam.mean(), torch.tensor(e_max, dtype=var.dtype))
-    return (e + 1.0 / var.shape[0]) / (e.sum(0) + 1)
-
-
 def test_bogc_passes_eps_and_e_max_to_its_rule() -> None:
     rows = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]], dtype=torch.float64)
     var = torch.tensor([[0.0, 1.0, 4.0], [2.0, 0.5, 4.0]], dtype=torch.float64)
     model = build(BOGC, eps=0.5, e_max=1.2)
     out, w = model.rule.combine(rows, "g", var)
-    expected = reference_weights(var, 0.5, 1.2)
+    expected = ds_weights(var, 0.5, 1.2)
     assert float(expected.max()) < 0.8  # the cap at 1.2 binds (uncapped e_00 would be ~2.2)
     torch.testing.assert_close(w, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(out, 2 * (expected * rows).sum(0), rtol=1e-12, atol=0)
@@ -606,7 +549,10 @@ def test_mimo_logs_per_step_scalars_whose_epoch_value_is_the_plain_mean() -> Non
     replayed = copy.deepcopy(model)
     data = make_data(n_train=40)  # batches of 24 and 16: a size-weighted mean would differ
     batches = first_batches(data)
-    fitted = fit_one_epoch_without_batch_size_inference(model, data)
+    fitted = trainer(max_epochs=1, max_steps=-1)
+    caught = fit_recording_warnings(fitted, model, data)
+    ambiguous = [w for w in caught if "infer the `batch_size`" in w]
+    assert not ambiguous, ambiguous[0]
     metrics = fitted.callback_metrics
     assert [b.size for b in batches] == [24, 16]
     pis, losses = [], []

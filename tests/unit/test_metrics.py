@@ -17,6 +17,7 @@ from mmlearn.data import SyntheticMultimodal
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.metrics import expert_metrics, final_metrics
 from mmlearn.strategies import I2M2, InterOnly
+from reference import f1_per_class, macro_f1, one_hot  # noqa: I001  (tests/reference.py)
 
 # rows: true class, columns: predicted class. Class 3 is never predicted (its F1 is 0).
 CONFUSION = np.array(
@@ -27,24 +28,6 @@ CONFUSION = np.array(
         [2, 1, 0, 0],
     ]
 )
-
-
-def f1_per_class(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """F1 of each column of multi-hot ``[N, K]`` truth and decisions; 0 where it is 0/0."""
-    tp = (y_true & y_pred).sum(0)
-    fp = ((1 - y_true) & y_pred).sum(0)
-    fn = (y_true & (1 - y_pred)).sum(0)
-    denom = 2 * tp + fp + fn
-    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-
-
-def one_hot(labels: np.ndarray, k: int) -> np.ndarray:
-    return np.eye(k, dtype=np.int64)[labels]
-
-
-def macro_f1(target: np.ndarray, pred: np.ndarray, k: int) -> float:
-    """Single-label macro-F1: per-class F1 (one-vs-rest), unweighted mean over the K classes."""
-    return float(f1_per_class(one_hot(target, k), one_hot(pred, k)).mean())
 
 
 def labels_from(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,9 +18,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.data import warning_cache
 from torch import Tensor, nn
 
+from helpers import fit_recording_warnings  # noqa: I001  (tests/helpers.py)
 from mmlearn.batch import MultimodalBatch
 from mmlearn.errors import MMLearnError
 from mmlearn.gradients import Sum
@@ -34,6 +34,7 @@ from mmlearn.strategies import (
     MultiObjective,
 )
 from mmlearn.strategies.base import impute_missing
+from reference import expert_logits
 
 SHAPES = {"a": [4], "b": [3]}
 K = 3
@@ -137,11 +138,6 @@ def cat(batches: Sequence[MultimodalBatch]) -> MultimodalBatch:
     if all(p is not None for p in masks):
         present = {m: torch.cat([p[m] for p in masks if p is not None]) for m in SHAPES}
     return MultimodalBatch(inputs=inputs, target=target, present=present)
-
-
-def expert_logits(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    with torch.no_grad():
-        return {m: e.head(e.encoder(inputs[m])) for m, e in model.experts.items()}
 
 
 def masked_product(logits: dict[str, Tensor], present: dict[str, Tensor] | None) -> Tensor:
@@ -610,22 +606,11 @@ def test_validation_scores_the_prediction_with_missing_modalities(independent_ru
         assert val[f"val/acc/{m}"] == pytest.approx(acc_m)
 
 
-def fit_recording_warnings(
-    model: pl.LightningModule, data: pl.LightningDataModule
-) -> tuple[pl.Trainer, list[str]]:
-    """One epoch of ``fit`` (with its validation loop); the warnings it raised."""
-    warning_cache.clear()  # Lightning says each of its warnings once per process
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run = trainer()
-        run.fit(model, datamodule=data)
-    return run, [str(w.message) for w in caught]
-
-
 def test_single_objective_runs_log_no_per_objective_losses() -> None:
     torch.manual_seed(0)
     model = InterOnly(input_shapes=SHAPES, num_classes=K, embed_dim=4, optimizer=SGD0)
-    run, caught = fit_recording_warnings(model, TinyData(make_batches([3])))
+    run = trainer()
+    caught = fit_recording_warnings(run, model, TinyData(make_batches([3])))
     assert {k for k in run.callback_metrics if k.startswith("train/loss")} == {
         "train/loss",
         "train/loss_step",
@@ -641,7 +626,8 @@ def test_gradient_rule_runs_log_cosines_with_their_batch_size() -> None:
     model = MultiObjective(
         rule=Sum(), input_shapes=SHAPES, num_classes=K, embed_dim=4, optimizer=SGD0
     )
-    run, caught = fit_recording_warnings(model, TinyData(make_batches([3])))
+    run = trainer()
+    caught = fit_recording_warnings(run, model, TinyData(make_batches([3])))
     assert {"train/cos/a_step", "train/cos/b_epoch"} <= set(run.callback_metrics)
     assert not [w for w in caught if "batch_size" in w]
 

@@ -14,7 +14,6 @@ import functools
 from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,14 @@ from torch import Tensor, nn
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.gradients import MGDA, Sum
 from mmlearn.strategies import BOGC, I2M2, MIMO, InterOnly, IntraOnly, MultiObjective
+from reference import (  # noqa: I001  (tests/reference.py)
+    ds_weights,
+    expert_logits,
+    groups_of,
+    late_outputs,
+    macro_f1,
+    rows_of,
+)
 
 LR = 0.1
 K = 3
@@ -97,17 +104,6 @@ def assert_same_params(trained: nn.Module, replayed: nn.Module, atol: float = 2e
 def joint_logits(joint: nn.Module, x: Mapping[str, Tensor]) -> Tensor:
     feats = {m: enc(x[m]) for m, enc in joint.encoders.items()}
     return joint.head(joint.fusion(feats))
-
-
-def late_outputs(model: nn.Module, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``{"fused": z_J, m: h_m(phi_m(x_m))}`` of a late-fusion-with-heads model."""
-    feats = {m: enc(x[m]) for m, enc in model.joint.encoders.items()}
-    out = {"fused": model.joint.head(model.joint.fusion(feats))}
-    return out | {m: model.heads[m](feats[m]) for m in feats}
-
-
-def expert_logits(model: nn.Module, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {m: e.head(e.encoder(x[m])) for m, e in model.experts.items()}
 
 
 # ---- replay of automatic optimisation ---------------------------------------------------------
@@ -209,59 +205,13 @@ def test_mimo_logs_the_modality_weights_and_the_penalty_schedule() -> None:
 
 
 # ---- replay of the Jacobian path ---------------------------------------------------------------
-def groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter], list[str]]]:
-    """Which objectives reach which parameters: encoder m <- fused, m; heads <- their own."""
-    mods = list(model.joint.encoders)
-    out = [(f"encoder.{m}", list(model.joint.encoders[m].parameters()), ["fused", m]) for m in mods]
-    fused = [*model.joint.fusion.parameters(), *model.joint.head.parameters()]
-    out.append(("fused_head", fused, ["fused"]))
-    return out + [(f"head.{m}", list(model.heads[m].parameters()), [m]) for m in mods]
-
-
-def rows_of(model: nn.Module, x: Mapping[str, Tensor], y: Tensor) -> dict[str, Tensor]:
-    """``{group: [n_objectives, P]}`` by one autograd call per (objective, group)."""
-    out = late_outputs(model, x)
-    losses = {k: F.cross_entropy(z, y) for k, z in out.items()}
-    rows = {}
-    for name, params, objectives in groups(model):
-        per = []
-        for k in objectives:
-            grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
-            flat = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-            ]
-            per.append(torch.cat([g.flatten() for g in flat]))
-        rows[name] = torch.stack(per)
-    return rows
-
-
 def apply(model: nn.Module, combined: Mapping[str, Tensor]) -> None:
     with torch.no_grad():
-        for name, params, _ in groups(model):
+        for name, params, _ in groups_of(model):
             start = 0
             for p in params:
                 p -= LR * combined[name][start : start + p.numel()].view_as(p)
                 start += p.numel()
-
-
-def ds_weights(var: Tensor, eps: float = 1e-8, e_max: float = 1e3) -> Tensor:
-    """BOGC's per-dimension weights from the objectives' variances ``[n, P]``.
-
-    precision -> evidence (normalised by the group's mean precision, capped) -> simple-support
-    opinions fused by the reduced Dempster-Shafer rule, applied pairwise -> ``w = b + u / n``.
-    """
-    lam = 1.0 / (var + eps)
-    e = (lam / lam.mean()).clamp(max=e_max)
-    n = e.shape[0]
-    b = torch.zeros(n, *e.shape[1:], dtype=e.dtype)
-    b[0], u = e[0] / (e[0] + 1), 1 / (e[0] + 1)
-    for k in range(1, n):
-        b2 = torch.zeros_like(b)
-        b2[k], u2 = e[k] / (e[k] + 1), 1 / (e[k] + 1)
-        conflict = sum(b[i] * b2[j] for i in range(n) for j in range(n) if i != j)
-        b = (b * b2 + b * u2 + b2 * u) / (1 - conflict)
-        u = u * u2 / (1 - conflict)
-    return b + u / n
 
 
 def min_norm_pair(r: Tensor) -> Tensor:
@@ -403,7 +353,7 @@ def test_bogc_last_layer_variance_is_the_per_sample_gradient_variance() -> None:
             var_k[k] = torch.stack(per_sample).var(0, unbiased=False).mean()
         rows = rows_of(replayed, x, y)
         combined = {}
-        for name, _, objectives in groups(replayed):
+        for name, _, objectives in groups_of(replayed):
             r = rows[name]
             if len(r) == 1:
                 combined[name] = r[0]
@@ -415,15 +365,6 @@ def test_bogc_last_layer_variance_is_the_per_sample_gradient_variance() -> None:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def macro_f1(pred: np.ndarray, y: np.ndarray, k: int) -> float:
-    scores = []
-    for c in range(k):
-        tp = np.sum((pred == c) & (y == c))
-        denom = np.sum(pred == c) + np.sum(y == c)
-        scores.append(0.0 if denom == 0 else 2 * tp / denom)
-    return float(np.mean(scores))
-
-
 EVAL = [
     pytest.param(InterOnly, {}, id="InterOnly"),
     pytest.param(IntraOnly, {}, id="IntraOnly"),
@@ -456,7 +397,7 @@ def test_test_metrics_and_predictions_follow_the_inference_rule(cls, kw) -> None
     log_probs = s - s.logsumexp(-1, keepdim=True)
     pred = log_probs.argmax(-1)
     assert metrics["test/acc"] == pytest.approx(float((pred == y).float().mean()), abs=1e-6)
-    assert metrics["test/f1"] == pytest.approx(macro_f1(pred.numpy(), y.numpy(), K), abs=1e-6)
+    assert metrics["test/f1"] == pytest.approx(macro_f1(y.numpy(), pred.numpy(), K), abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(float(F.nll_loss(log_probs, y)), rel=1e-5)
     for m in model.modalities if model.has_experts else []:
         acc_m = float((logits[m].argmax(-1) == y).float().mean())
