@@ -1,15 +1,27 @@
-"""Step cost of every strategy relative to InterOnly-with-unimodal-heads, and weight-solve times.
+"""Step cost of every strategy relative to the reference, measured interleaved over rounds.
 
-``python benchmarks/step_cost.py [--size cpu|gpu] [--steps N]`` (``make bench``) prints a table
-and writes ``benchmarks/results/step_cost_<size>.json``. Not a test: it measures.
+``python benchmarks/step_cost.py [--size cpu|gpu] [--rounds R] [--steps N]`` (``make bench``)
+prints a table and writes ``benchmarks/results/step_cost_<size>.json``. Not a test: it measures.
 
-- step time: median wall time of a training step inside a real Lightning ``Trainer`` (a callback
-  times ``on_train_batch_start`` -> ``on_train_batch_end``), after warm-up steps;
-- raw loop: the same InterOnly model trained by a plain PyTorch loop, to expose the framework's own
-  overhead (target <= 1.05x);
-- weight time: the time to compute the per-step combination weights on the SAME gradient matrix:
-  MIMO's softmax over M losses, MGDA's min-norm solve, BOGC's calibration (EMA + evidence + fusion);
-- peak memory: ``torch.cuda.max_memory_allocated`` on GPU; not measured on CPU.
+The reference is ``LateFusionHeads`` (InterOnly with unimodal heads on the same encoders,
+automatic optimisation of the plain sum), the model every gradient-level strategy trains.
+
+A noisy machine moves single timings by 2x, so nothing is compared across minutes: in every
+round each strategy trains ``--steps`` steps inside a real Lightning ``Trainer`` (a callback
+times ``on_train_batch_start`` -> ``on_train_batch_end`` after warm-up), the strategies in a
+rotated order, and the ratio to the reference is taken WITHIN the round. The table gives the
+median ratio over rounds and its spread (min-max), plus:
+
+- raw loop: the same InterOnly model trained by a plain PyTorch loop (forward, CE, backward,
+  SGD step): framework / raw is Lightning's and mmlearn's own overhead;
+- weight time: each rule's per-step weight computation on the model's real gradient rows
+  (MIMO's softmax over M losses; MGDA's Gramian and min-norm solve, global and per group;
+  BOGC's evidence and fusion on the EMA variance), as a share of that strategy's step;
+- peak memory (``torch.cuda.max_memory_allocated``) on GPU.
+
+Sizes: ``cpu``: 2 modalities of 1024 features, MLP encoders 1024 -> 1024 -> 512, batch 256.
+``gpu``: ResNet-18 audio ``[1, 257, 188]`` + ResNet-18 visual ``[3, 224, 224]``, batch 64,
+bf16-mixed, channels_last (the imbalance papers' audio-visual setting).
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -29,11 +43,22 @@ from torch.utils.data import DataLoader
 
 from mmlearn.batch import MultimodalBatch
 from mmlearn.gradients import MGDA, BOGCCalibration, Sum
-from mmlearn.strategies import BOGC, I2M2, MIMO, InterOnly, IntraOnly, MultiObjective
-from mmlearn.strategies import _jacobian as jac
+from mmlearn.runtime import keep_freed_memory
+from mmlearn.strategies import (
+    BOGC,
+    I2M2,
+    MIMO,
+    EMAMoments,
+    InterOnly,
+    IntraOnly,
+    LastLayer,
+    LateFusionHeads,
+    Microbatch,
+    MultiObjective,
+    step,
+)
 
-SIZES = {
-    # 2 modalities of 1024 features, MLP encoders 1024 -> 1024 -> 512, batch 256
+SIZES: dict[str, dict[str, Any]] = {
     "cpu": {
         "shapes": {"audio": [1024], "visual": [1024]},
         "batch": 256,
@@ -42,42 +67,60 @@ SIZES = {
             "audio": {"name": "mlp", "hidden": [1024]},
             "visual": {"name": "mlp", "hidden": [1024]},
         },
+        "precision": "32-true",
+    },
+    "gpu": {
+        "shapes": {"audio": [1, 257, 188], "visual": [3, 224, 224]},
+        "batch": 64,
+        "embed": 512,
+        "encoders": {"audio": {"name": "resnet18"}, "visual": {"name": "resnet18"}},
+        "precision": "bf16-mixed",
     },
 }
-STRATEGIES = {
-    "InterOnly+heads (ref)": (MultiObjective, {}),
-    "InterOnly": (InterOnly, {}),
-    "IntraOnly": (IntraOnly, {}),
-    "I2M2": (I2M2, {}),
-    "MIMO": (MIMO, {}),
-    "Sum (Jacobian path)": (MultiObjective, {"rule": Sum()}),
-    "MGDA": (MultiObjective, {"rule": MGDA()}),
-    "BOGC ema": (BOGC, {}),
-    "BOGC microbatch(4)": (BOGC, {"variance": "microbatch", "n_chunks": 4}),
-    "BOGC last_layer": (BOGC, {"variance": "last_layer"}),
+REF = "LateFusionHeads (ref)"
+STRATEGIES: dict[str, Callable[[], tuple[type, dict[str, Any]]]] = {
+    REF: lambda: (LateFusionHeads, {}),
+    "InterOnly": lambda: (InterOnly, {}),
+    "IntraOnly": lambda: (IntraOnly, {}),
+    "I2M2": lambda: (I2M2, {}),
+    "MIMO": lambda: (MIMO, {}),
+    "Sum (manual step)": lambda: (MultiObjective, {"rule": Sum()}),
+    "MGDA global": lambda: (MultiObjective, {"rule": MGDA()}),
+    "MGDA per_group": lambda: (MultiObjective, {"rule": MGDA(scope="per_group")}),
+    "MGDA every=10": lambda: (MultiObjective, {"rule": MGDA(), "every": 10}),
+    "BOGC ema": lambda: (BOGC, {}),
+    "BOGC microbatch(4)": lambda: (BOGC, {"moments": Microbatch(4)}),
+    "BOGC last_layer": lambda: (BOGC, {"moments": LastLayer()}),
 }
+#: strategies that cannot run at a size (Microbatch refuses BatchNorm encoders)
+SKIP = {"gpu": {"BOGC microbatch(4)"}}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class StepTimer(pl.Callback):
+    """Wall time of every training step after ``warmup`` steps, in seconds."""
+
     def __init__(self, warmup: int) -> None:
         self.warmup, self.times, self.t0 = warmup, [], 0.0
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def on_train_batch_start(self, *args) -> None:
-        self._sync()
+    def on_train_batch_start(self, *args: Any) -> None:
+        sync()
         self.t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, *args) -> None:
-        self._sync()
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        sync()
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self.t0)
 
 
 class RandomData(pl.LightningDataModule):
-    def __init__(self, shapes, batch: int, steps: int, k: int = 10) -> None:
+    """Pre-built batches: the loader costs nothing, the step is what is timed."""
+
+    def __init__(self, shapes: dict[str, list[int]], batch: int, steps: int, k: int = 10) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.batches = [
@@ -89,13 +132,12 @@ class RandomData(pl.LightningDataModule):
         ]
 
     def train_dataloader(self) -> DataLoader:
-        # pre-built batches: the loader costs nothing, the step is what is timed
         return DataLoader(self.batches, batch_size=None, collate_fn=lambda b: b)
 
 
-def build(cls, kw, size):
+def build(cls: type, kw: dict[str, Any], size: dict[str, Any]) -> pl.LightningModule:
     torch.manual_seed(0)
-    return cls(
+    model = cls(
         input_shapes=size["shapes"],
         num_classes=10,
         embed_dim=size["embed"],
@@ -104,138 +146,161 @@ def build(cls, kw, size):
         optimizer=functools.partial(torch.optim.SGD, lr=0.01),
         **kw,
     )
+    if size is SIZES["gpu"]:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
-def time_strategy(cls, kw, size, steps: int, warmup: int, device: str) -> dict:
-    model = build(cls, kw, size)
+def time_steps(
+    model: pl.LightningModule, data: RandomData, warmup: int, device: str, precision: str
+) -> tuple[float, float | None]:
+    """Median step (ms) of one fit over ``data``, and the peak GPU memory (MiB)."""
     timer = StepTimer(warmup)
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
-        max_steps=steps,
+        max_steps=len(data.batches),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer],
-        precision="bf16-mixed" if device == "gpu" else "32-true",
+        precision=precision,  # type: ignore[arg-type]
     )
     if device == "gpu":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(model, datamodule=RandomData(size["shapes"], size["batch"], steps))
+    trainer.fit(model, datamodule=data)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "gpu" else None
-    return {"step_ms": 1e3 * statistics.median(timer.times), "peak_mib": peak}
+    return 1e3 * statistics.median(timer.times), peak
 
 
-def raw_loop(size, steps: int, warmup: int, device: str) -> float:
-    """InterOnly trained by hand: forward, CE, backward, SGD step. Median ms per step."""
-    model = build(InterOnly, {}, size).to(device)
+def raw_steps(model: torch.nn.Module, data: RandomData, warmup: int, device: str) -> float:
+    """InterOnly trained by hand: zero_grad, forward, CE, backward, SGD step. Median ms."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    data = RandomData(size["shapes"], size["batch"], steps).batches
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
     times = []
-    for i, b in enumerate(data):
-        inputs = {m: x.to(device) for m, x in b.inputs.items()}
+    for i, b in enumerate(data.batches):
+        inputs = {m: x.to(dev, non_blocking=True) for m, x in b.inputs.items()}
+        target = b.target.to(dev, non_blocking=True)
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = F.cross_entropy(model.joint(inputs), b.target.to(device))
+        with torch.autocast(dev.type, torch.bfloat16, enabled=device == "gpu"):
+            loss = F.cross_entropy(model.joint(inputs), target)
         loss.backward()
         opt.step()
-        if device != "cpu":
-            torch.cuda.synchronize()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
-def weight_times(size, repeats: int = 50) -> dict:
-    """Per-step weight computation on one real gradient matrix of the reference model."""
-    model = build(MultiObjective, {"rule": Sum()}, size)
-    data = RandomData(size["shapes"], size["batch"], 1).batches[0]
-    losses = model.objectives(model(data.inputs), data.target)
-    rows = jac.objective_rows(losses, model.groups)
-    encoders = [g for g in model.groups if g.name.startswith("encoder.")]
-    # MGDA over ALL objectives on the shared parameters (the encoders): [M+1, P_shared]
-    shared = torch.cat(
-        [
-            torch.cat(
-                [
-                    rows[g.name][g.objectives.index(k)]
-                    if k in g.objectives
-                    else torch.zeros(g.numel)
-                    for g in encoders
-                ]
-            ).unsqueeze(0)
-            for k in ["fused", *model.modalities]
-        ]
-    )
+def weight_times(size: dict[str, Any], device: str, repeats: int = 20) -> dict[str, float]:
+    """Each rule's weight computation (ms) on one real set of the reference model's rows."""
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    model = build(MultiObjective, {"moments": EMAMoments()}, size).to(dev)
+    data = RandomData(size["shapes"], size["batch"], 2).batches
+    rows, var = {}, {}
+    for b in data:  # two steps: the EMA has a non-zero variance
+        batch = MultimodalBatch({m: x.to(dev) for m, x in b.inputs.items()}, b.target.to(dev))
+        _, losses, stats = model.moments.local(model, batch)
+        rows, var = model.moments.finish(stats, 1)
     uni = torch.stack([losses[m].detach() for m in model.modalities])
-    bogc = BOGCCalibration()
+    names = model.objective_names
 
-    def clock(fn) -> float:
+    def clock(fn: Callable[[], object]) -> float:
         fn()
+        sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
-        return 1e6 * (time.perf_counter() - t0) / repeats
+        sync()
+        return 1e3 * (time.perf_counter() - t0) / repeats
+
+    def weights_only(rule: Any) -> Callable[[], object]:
+        # the weights and the combined rows, not the moments (those are the estimator's)
+        return lambda: step.combine(rule, model.groups, rows, var, names)
 
     return {
-        "matrix": list(shared.shape),
-        "mimo_softmax_us": clock(lambda: torch.softmax(uni / 0.5, 0)),
-        "mgda_min_norm_us": clock(lambda: MGDA().combine(shared)),
-        "bogc_calibration_us": clock(
-            lambda: [bogc.combine(rows[g.name], g.name) for g in encoders]
-        ),
+        "MIMO": clock(lambda: torch.softmax(uni / 0.5, 0)),
+        "MGDA global": clock(weights_only(MGDA())),
+        "MGDA per_group": clock(weights_only(MGDA(scope="per_group"))),
+        "BOGC ema": clock(weights_only(BOGCCalibration())),
     }
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="cpu", choices=sorted(SIZES))
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=12, help="steps per strategy per round")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (the mmlearn command keeps freed memory)",
+    )
     args = p.parse_args()
+    if not args.default_malloc:
+        keep_freed_memory()
     size = SIZES[args.size]
     device = "gpu" if args.size == "gpu" else "cpu"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = {
-        n: time_strategy(c, kw, size, args.steps, args.warmup, device)
-        for n, (c, kw) in STRATEGIES.items()
-    }
-    ref = results["InterOnly+heads (ref)"]["step_ms"]
-    raw = raw_loop(size, args.steps, args.warmup, device)
-    weights = weight_times(size)
+    if device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--size gpu needs CUDA")
+    names = [n for n in STRATEGIES if n not in SKIP.get(args.size, set())]
+    models = {n: build(*STRATEGIES[n](), size) for n in names}
+    raw_model = build(InterOnly, {}, size).to("cuda" if device == "gpu" else "cpu")
+    data = RandomData(size["shapes"], size["batch"], args.steps)
+    ms: dict[str, list[float]] = {n: [] for n in [*names, "raw loop"]}
+    peak: dict[str, float | None] = {}
+    for r in range(args.rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            ms[n].append(time_steps(models[n], data, args.warmup, device, size["precision"])[0])
+            if r == 0 and device == "gpu":
+                peak[n] = time_steps(models[n], data, args.warmup, device, size["precision"])[1]
+        ms["raw loop"].append(raw_steps(raw_model, data, args.warmup, device))
+        print(f"round {r + 1}/{args.rounds}: ref {ms[REF][-1]:.1f} ms", flush=True)
+    ratio = {n: [a / b for a, b in zip(ms[n], ms[REF], strict=True)] for n in ms}
+    framework = [a / b for a, b in zip(ms["InterOnly"], ms["raw loop"], strict=True)]
+    wt = weight_times(size, device)
+    step_of = {k: statistics.median(ms[k]) for k in wt}
     print(
-        f"\nstep cost, size={args.size}, batch {size['batch']}, {platform.processor() or 'cpu'}, "
-        f"{torch.get_num_threads()} threads, median of {args.steps - args.warmup} steps\n"
+        f"\nstep cost, size={args.size}, batch {size['batch']}, {size['precision']}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        f"{args.rounds} interleaved rounds of {args.steps - args.warmup} timed steps\n"
     )
-    print("| strategy | step (ms) | x ref |")
-    print("|---|---|---|")
-    for n, r in results.items():
-        print(f"| {n} | {r['step_ms']:.1f} | {r['step_ms'] / ref:.2f} |")
-    inter = results["InterOnly"]["step_ms"]
-    print(f"| raw PyTorch loop (InterOnly) | {raw:.1f} | framework/raw = {inter / raw:.2f} |")
-    print(f"\nweight computation on the gradient matrix {weights['matrix']}:")
-    print(
-        f"  MIMO softmax {weights['mimo_softmax_us']:.1f} us, MGDA min-norm "
-        f"{weights['mgda_min_norm_us']:.1f} us "
-        f"({weights['mgda_min_norm_us'] / weights['mimo_softmax_us']:.0f}x MIMO), BOGC "
-        f"calibration {weights['bogc_calibration_us']:.1f} us"
-    )
+    print("| strategy | step ms (median) | x ref: median [min-max] | peak MiB |")
+    print("|---|---|---|---|")
+    for n in ms:
+        mem = f"{peak[n]:.0f}" if peak.get(n) is not None else "-"
+        print(f"| {n} | {statistics.median(ms[n]):.1f} | {spread(ratio[n])} | {mem} |")
+    print(f"\nframework / raw loop (InterOnly): {spread(framework)}")
+    print("\nweight computation per step (the rule alone, on the real rows):")
+    for k, v in wt.items():
+        print(f"  {k}: {v:.3f} ms = {100 * v / step_of[k]:.1f}% of its step")
     out = Path(__file__).parent / "results" / f"step_cost_{args.size}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "size": args.size,
-                "batch": size["batch"],
-                "steps": args.steps,
-                "strategies": results,
-                "raw_loop_ms": raw,
-                "weights": weights,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "size": args.size,
+        "batch": size["batch"],
+        "precision": size["precision"],
+        "rounds": args.rounds,
+        "timed_steps_per_round": args.steps - args.warmup,
+        "device": torch.cuda.get_device_name() if device == "gpu" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "keep_freed_memory": not args.default_malloc,
+        "step_ms": ms,
+        "ratio_to_ref": ratio,
+        "framework_over_raw": framework,
+        "peak_mib": peak,
+        "weight_ms": wt,
+    }
+    out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten {out}")
 
 

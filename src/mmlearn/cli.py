@@ -25,6 +25,7 @@ import mmlearn.strategies  # noqa: F401  (makes the strategies resolvable by sho
 from mmlearn.callbacks import Checkpoint, PredictionWriter, SlurmRequeue
 from mmlearn.data.base import MultimodalDataModule
 from mmlearn.errors import MMLearnError, user_error
+from mmlearn.runtime import keep_freed_memory
 from mmlearn.strategies.base import MultimodalModule
 
 DESCRIPTION = """mmlearn: compare multi-modal learning strategies under one Lightning Trainer.
@@ -277,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     exit status 2; anything else keeps its traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     try:
         if args and args[0] in ("prepare", "compare", "slurm"):
             sys.exit(_project_commands()[args[0]](args[1:]))
