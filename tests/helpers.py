@@ -8,15 +8,21 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.data import warning_cache
 
-# every strategy, as the CLI arguments that choose it (MGDA is MultiObjective with its rule)
-STRATEGIES = [
-    ["--model", "InterOnly"],
-    ["--model", "IntraOnly"],
-    ["--model", "I2M2"],
-    ["--model", "MIMO"],
-    ["--model", "BOGC"],
-    ["--model", "MultiObjective", "--model.rule=mmlearn.gradients.MGDA"],
-]
+from mmlearn.strategies import STRATEGIES as REGISTERED
+
+#: strategies that are a registered class with options: id -> (class name, CLI options)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "MGDA": ("MultiObjective", ["--model.rule=mmlearn.gradients.MGDA"]),
+}
+#: every strategy by id, as the CLI arguments that choose it: each class registered in
+#: ``mmlearn.strategies.STRATEGIES`` with its defaults (a new one is covered by being registered),
+#: then the variants (MGDA is MultiObjective with its rule)
+STRATEGY_ARGS: dict[str, list[str]] = {name: ["--model", name] for name in REGISTERED} | {
+    key: ["--model", cls, *options] for key, (cls, options) in VARIANTS.items()
+}
+# every strategy, as the CLI arguments that choose it (``ids=lambda s: s[1]`` names the class)
+STRATEGIES = list(STRATEGY_ARGS.values())
+assert all(cls in REGISTERED for cls, _ in VARIANTS.values())
 
 
 def fit_recording_warnings(trainer: pl.Trainer, model: Any, data: Any) -> list[str]:

@@ -1,29 +1,105 @@
 """Train strategies for a few steps and save every rank's parameters (run by test_ddp.py).
 
-``python ddp_worker.py OUT STRATEGY... --batch B`` trains each in one process; under
+``python ddp_worker.py OUT CASE... --batch B`` trains each case in one process; under
 ``torch.distributed.run --nproc_per_node 2`` each rank trains on its half of every global batch.
 Rank r of W takes samples ``[i*W*B + r*B, i*W*B + (r+1)*B)`` of global batch i, so the union of
 the ranks' batches at a step is exactly the single-process batch of size W*B at that step.
+
+A case is a strategy with its options (:data:`CASES`: every registered strategy with its
+defaults, then the variants: rules, moments estimators, ``every``), on vector data or, for
+:data:`BN_CASES`, with a BatchNorm encoder on an image modality. :data:`WRONG` are deliberately
+wrong variants (a rule on rank-local statistics) that the test must tell apart from single-process
+training. A case that raises writes ``OUT/CASE/error-rank{r}.txt`` and the worker goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import traceback
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from mmlearn.batch import collate_multimodal
 from mmlearn.data import SyntheticMultimodal
-from mmlearn.data.base import SplitDataset
-from mmlearn.gradients import MGDA, Sum
-from mmlearn.strategies import STRATEGIES
+from mmlearn.data.base import Split, SplitDataset
+from mmlearn.gradients import MGDA
+from mmlearn.strategies import MIMO, STRATEGIES, EMAMoments, LastLayer, Microbatch
+from mmlearn.strategies.step import ManualStep
 
 warnings.filterwarnings("ignore")
+
+Options = Callable[[], dict[str, Any]]
+
+
+class RankLocalStep(ManualStep):
+    """WRONG on purpose: the rule applied to each rank's own statistics, the results averaged.
+
+    ``sync`` skips the all-reduce, so the moments estimator and the rule see this rank's rows
+    only; ``finalize`` all-reduces the combined rows so the replicas stay identical (the mistake
+    is invisible from the parameters of one run). ``finish`` divides the un-summed rows by the
+    world size, and every rule is positively homogeneous (BOGC's evidence is scale-free), so the
+    SUM over ranks written here is the MEAN over ranks of the rule applied to each rank's rows.
+    For the linear ``Sum`` rule that mean is the right gradient: the control case.
+    """
+
+    def sync(self, stats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return dict(stats)
+
+    def finalize(self, combined: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for name, row in combined.items():
+            row = row.clone()
+            dist.all_reduce(row)
+            out[name] = row
+        return out
+
+
+class RankLocalMIMO(MIMO):
+    """WRONG on purpose: ``pi`` from this rank's unimodal losses (no ``sync_mean``)."""
+
+    def modality_weights(self, losses: Mapping[str, Tensor]) -> Tensor:
+        uni = torch.stack([losses[m].detach().float() for m in self.modalities])
+        return torch.softmax(uni / self.mu, dim=0)
+
+
+#: id -> (registered strategy, options factory); every registered strategy with its defaults
+#: (BOGC: EMAMoments; MultiObjective: Sum with BatchRows), then the variants
+CASES: dict[str, tuple[str, Options]] = {name: (name, dict) for name in STRATEGIES} | {
+    "MGDA": ("MultiObjective", lambda: {"rule": MGDA()}),  # scope="global"
+    "MGDA-per_group": ("MultiObjective", lambda: {"rule": MGDA(scope="per_group")}),
+    "MGDA-every2": ("MultiObjective", lambda: {"rule": MGDA(), "every": 2}),
+    "MGDA-microbatch2": ("MultiObjective", lambda: {"rule": MGDA(), "moments": Microbatch(2)}),
+    "Sum-ema": ("MultiObjective", lambda: {"moments": EMAMoments(beta=0.5)}),
+    "BOGC-microbatch4": ("BOGC", lambda: {"moments": Microbatch(n_chunks=4)}),
+    "BOGC-microbatch2": ("BOGC", lambda: {"moments": Microbatch(n_chunks=2)}),  # 1 chunk a rank
+    "BOGC-last_layer": ("BOGC", lambda: {"moments": LastLayer()}),
+    "BOGC-every2": ("BOGC", lambda: {"every": 2}),
+}
+#: the same strategies with a BatchNorm encoder (a tiny resnet18) on an image-shaped modality
+BN_CASES: dict[str, str] = {
+    "InterOnly-bn": "InterOnly",
+    "LateFusionHeads-bn": "LateFusionHeads",
+    "MGDA-bn": "MGDA",
+    "BOGC-bn": "BOGC",
+}
+RESNET = {"name": "resnet18", "width": 4, "blocks": [1, 1]}
+#: wrong variant -> the case whose single-process result it must NOT reproduce (Sum: a control
+#: that must reproduce it, as the rank-local mean of a linear rule is the right gradient)
+WRONG: dict[str, str] = {
+    "MGDA-local": "MGDA",
+    "BOGC-local": "BOGC",
+    "MIMO-local": "MIMO",
+    "Sum-local": "MultiObjective",
+}
 
 
 class ShardedBatches(Sampler[list[int]]):
@@ -43,9 +119,19 @@ class ShardedBatches(Sampler[list[int]]):
 
 
 class ShardedSynthetic(SyntheticMultimodal):
-    def __init__(self, batch: int, rank: int, world: int, **kw) -> None:
+    def __init__(self, batch: int, rank: int, world: int, image: bool = False, **kw) -> None:
         super().__init__(**kw)
-        self.b, self.rank, self.world = batch, rank, world
+        self.b, self.rank, self.world, self.image = batch, rank, world, image
+
+    def load_splits(self) -> dict[str, Split]:
+        splits = super().load_splits()
+        if not self.image:
+            return splits
+        # m0 (64 features) as a one-channel 8x8 image, for a convolutional encoder with BatchNorm
+        return {
+            s: Split(sp.inputs | {"m0": sp.inputs["m0"].view(-1, 1, 8, 8)}, sp.target)
+            for s, sp in splits.items()
+        }
 
     def train_dataloader(self) -> DataLoader:
         ds = SplitDataset(self.splits["train"])
@@ -53,60 +139,76 @@ class ShardedSynthetic(SyntheticMultimodal):
         return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_multimodal)
 
 
+def build(case: str, data: ShardedSynthetic) -> pl.LightningModule:
+    """The model of ``case``, seeded so that every process starts from the same weights."""
+    torch.manual_seed(0)
+    encoders = None
+    if case in BN_CASES:
+        case, encoders = BN_CASES[case], {"m0": RESNET}
+    wrong = case in WRONG
+    if wrong:
+        case = WRONG[case]
+    name, options = CASES[case]
+    cls = RankLocalMIMO if wrong and name == "MIMO" else STRATEGIES[name]
+    model = cls(
+        input_shapes=data.input_shapes,
+        num_classes=3,
+        embed_dim=8,
+        head_hidden=16,
+        encoders=encoders,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
+        **options(),
+    )
+    if wrong and name != "MIMO":
+        model.gradient_step = RankLocalStep()
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
-    p.add_argument("strategies", nargs="+")
+    p.add_argument("cases", nargs="+")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--local-statistics", action="store_true")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    data = ShardedSynthetic(
+    common = {"num_classes": 3, "inter": 1.0, "n_train": 256, "n_val": 8, "n_test": 8}
+    vectors = ShardedSynthetic(
         args.batch,
         rank,
         world,
         num_modalities=3,
         dim=[6, 5, 4],
-        num_classes=3,
         intra=[1.0, 0.5, 0.2],
-        inter=1.0,
         noise=[0.3, 1.0, 2.0],
-        n_train=256,
-        n_val=8,
-        n_test=8,
+        **common,
     )
-    for strategy in args.strategies:
-        out = Path(args.out) / strategy
+    images = ShardedSynthetic(
+        args.batch,
+        rank,
+        world,
+        image=True,
+        num_modalities=2,
+        dim=[64, 5],
+        intra=[1.0, 0.5],
+        **common,
+    )
+    for case in args.cases:
+        out = Path(args.out) / case
         out.mkdir(parents=True, exist_ok=True)
-        init, state = train(strategy, data, world, args.steps, args.local_statistics)
+        data = images if case in BN_CASES else vectors
+        try:
+            init, state = train(build(case, data), data, world, args.steps)
+        except Exception:
+            (out / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+            continue
         torch.save(init, out / "init.pt")
         torch.save(state, out / f"rank{rank}.pt")
 
 
-def train(strategy: str, data, world: int, steps: int, local_statistics: bool):
-    """``(initial, final)`` state dicts of ``steps`` steps of ``strategy``."""
-    torch.manual_seed(0)
-    name, kw = strategy, {}
-    if name == "MGDA":
-        name, kw = "MultiObjective", {"rule": MGDA()}
-    if name == "Sum":
-        name, kw = "MultiObjective", {"rule": Sum()}
-    if name == "BOGC-microbatch":
-        name, kw = "BOGC", {"variance": "microbatch", "n_chunks": 4}
-    if name == "BOGC-last_layer":
-        name, kw = "BOGC", {"variance": "last_layer"}
-    if local_statistics:
-        kw["local_statistics"] = True
-    model = STRATEGIES[name](
-        input_shapes=data.input_shapes,
-        num_classes=3,
-        embed_dim=8,
-        head_hidden=16,
-        **kw,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
-    )
+def train(model: pl.LightningModule, data, world: int, steps: int):
+    """``(initial, final)`` state dicts of ``steps`` steps of ``model``."""
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from mmlearn.cli import main
+from helpers import STRATEGY_ARGS  # noqa: I001  (tests/helpers.py)
+from mmlearn.cli import build_cli, main
 from mmlearn.data.fixtures import write_av_clips, write_avmnist, write_image_text, write_mimic
-from mmlearn.strategies import I2M2, InterOnly, IntraOnly
+from mmlearn.strategies import I2M2, EMAMoments, InterOnly, IntraOnly, LastLayer, Microbatch
 
 REPO = Path(__file__).resolve().parents[2]
 # run configs only: W&B sweep files, the W&B base fragment and sbatch scripts have their own tests
@@ -86,8 +88,12 @@ def test_every_data_module_config_runs_fast_dev_run(
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
-def _fit(run_cli, model: str, *extra: str, epochs: int = 3, save_dir: Path | None = None):
-    args = ["fit", "--model", model, *SYN, f"--trainer.max_epochs={epochs}", "--seed_everything=7"]
+def _fit(
+    run_cli, model: str | list[str], *extra: str, epochs: int = 3, save_dir: Path | None = None
+):
+    """``mmlearn fit`` on synthetic data; ``model`` a strategy name or the arguments choosing it."""
+    choose = ["--model", model] if isinstance(model, str) else model
+    args = ["fit", *choose, *SYN, f"--trainer.max_epochs={epochs}", "--seed_everything=7"]
     return run_cli(*args, *extra, save_dir=save_dir)
 
 
@@ -126,17 +132,78 @@ def test_same_seed_twice_gives_identical_metrics_and_weights(run_cli) -> None:
         assert float(a.trainer.callback_metrics[key]) == float(b.trainer.callback_metrics[key])
 
 
-@pytest.mark.parametrize("model", ["InterOnly", "I2M2", "MIMO", "BOGC"])
-def test_resume_from_last_ckpt_equals_uninterrupted(run_cli, tmp_path: Path, model: str) -> None:
+# every strategy (BOGC: EMAMoments, whose moments are buffers of the state dict), and weights
+# reused across the checkpoint: 4 steps an epoch, so the resumed step 8 (8 % 3 != 0) must re-apply
+# the weights of step 6, saved as the checkpoint's cached_weights
+RESUME = STRATEGY_ARGS | {
+    "BOGC-ema-every3": [
+        *["--model", "BOGC", "--model.moments=EMAMoments", "--model.moments.beta=0.5"],
+        "--model.every=3",
+    ],
+    "MGDA-every3": [*STRATEGY_ARGS["MGDA"], "--model.every=3"],
+}
+
+
+@pytest.mark.parametrize("model", RESUME.values(), ids=list(RESUME))
+def test_resume_from_last_ckpt_equals_uninterrupted(run_cli, tmp_path: Path, model) -> None:
     full = _fit(run_cli, model, epochs=4, save_dir=tmp_path / "full")
     half = _fit(run_cli, model, epochs=2, save_dir=tmp_path / "half")
     last = Path(half.trainer.log_dir) / "checkpoints" / "last.ckpt"
     resumed = _fit(run_cli, model, "--ckpt_path", str(last), epochs=4, save_dir=tmp_path / "res")
     assert resumed.trainer.current_epoch == 4
     wf, wr, wh = _weights(full.model), _weights(resumed.model), _weights(half.model)
+    assert wf.keys() == wr.keys()
     for k in wf:
         assert torch.allclose(wf[k], wr[k], atol=1e-6, rtol=0), k
     assert not all(torch.allclose(wf[k], wh[k]) for k in wf)  # the second half did train
+    saved = torch.load(last, weights_only=False)
+    if isinstance(getattr(full.model, "moments", None), EMAMoments):
+        assert float(saved["state_dict"]["moments.weight"]) > 1  # the EMA state is checkpointed
+    if getattr(full.model, "every", 1) > 1:
+        assert saved["cached_weights"].keys() == {g.name for g in full.model.groups}
+
+
+MICROBATCH = "mmlearn.strategies.moments.Microbatch"
+
+
+def test_the_moments_estimator_is_chosen_on_the_command_line(run_cli) -> None:
+    choose = ["--model", "BOGC", "--model.moments=Microbatch", "--model.moments.n_chunks=2"]
+    cli = _fit(run_cli, choose, epochs=1)
+    assert cli.trainer.state.finished and cli.trainer.global_step == 4
+    assert isinstance(cli.model.moments, Microbatch) and cli.model.moments.n_chunks == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    run = Path(cli.trainer.log_dir)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    moments = saved["model"]["init_args"]["moments"]
+    assert moments["class_path"] in ("mmlearn.strategies.Microbatch", MICROBATCH)
+    assert moments["init_args"] == {"n_chunks": 2}
+    # the run's config rebuilds the same estimator
+    last = run / "checkpoints" / "last.ckpt"
+    again = run_cli("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(last))
+    assert isinstance(again.model.moments, Microbatch) and again.model.moments.n_chunks == 2
+    # the other spellings jsonargparse accepts, and an override of a shipped config
+    base = ["--model", "BOGC", "--data", "SyntheticMultimodal"]
+    shipped = ["--config", str(REPO / "experiments/synthetic/bogc.yaml")]
+    forms = {
+        "full": [
+            *base,
+            f"--model.init_args.moments={MICROBATCH}",
+            "--model.init_args.moments.init_args.n_chunks=2",
+        ],
+        "separate": [*base, "--model.moments", "Microbatch", "--model.moments.n_chunks", "2"],
+        "inline": [
+            *base,
+            '--model.moments={"class_path": "Microbatch", "init_args": {"n_chunks": 2}}',
+        ],
+        "config": [*shipped, "--model.moments=Microbatch", "--model.moments.n_chunks=2"],
+    }
+    for form, args in forms.items():
+        model = build_cli(args, run=False).model
+        assert isinstance(model.moments, Microbatch) and model.moments.n_chunks == 2, form
+    model = build_cli([*shipped, "--model.moments=LastLayer"], run=False).model
+    assert isinstance(model.moments, LastLayer)  # EMAMoments' beta of the file is dropped
+    model = build_cli([*shipped, "--model.moments.beta=0.5"], run=False).model
+    assert isinstance(model.moments, EMAMoments) and model.moments.beta == 0.5
 
 
 def test_i2m2_init_from_loads_the_experts(run_cli, tmp_path: Path) -> None:

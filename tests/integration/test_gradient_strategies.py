@@ -1,4 +1,4 @@
-"""MIMO, BOGC and MultiObjective: the Jacobian path, MIMO's gradient, precision, groups."""
+"""MIMO, BOGC and MultiObjective: the manual step, moments, MIMO's gradient, precision, groups."""
 
 from __future__ import annotations
 
@@ -13,9 +13,19 @@ from mmlearn.batch import collate_multimodal
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.data.base import SplitDataset
 from mmlearn.errors import MMLearnError
-from mmlearn.gradients import Sum
-from mmlearn.strategies import BOGC, FUSED, MIMO, MultiObjective
-from mmlearn.strategies import _jacobian as jac
+from mmlearn.gradients import MGDA, Sum
+from mmlearn.strategies import (
+    BOGC,
+    FUSED,
+    MIMO,
+    EMAMoments,
+    LastLayer,
+    LateFusionHeads,
+    Microbatch,
+    MultiObjective,
+)
+from mmlearn.strategies import step as jac
+from mmlearn.strategies.moments import last_layer_moments
 from mmlearn.strategies.multi_objective import refuse_float16
 
 DATA = {
@@ -58,10 +68,12 @@ def batch(data, n: int = 32):
     return collate_multimodal([SplitDataset(data.splits["train"])[i] for i in range(n)])
 
 
-def test_sum_through_the_jacobian_path_equals_automatic_optimisation() -> None:
-    auto, data = make(MultiObjective, fusion="lrtf")
+def test_sum_through_the_manual_step_equals_late_fusion_heads() -> None:
+    auto, data = make(LateFusionHeads, fusion="lrtf")
     manual, _ = make(MultiObjective, fusion="lrtf", rule=Sum())
     assert auto.automatic_optimization and not manual.automatic_optimization
+    # MultiObjective is always manual, also with its default rule (Sum) and moments (BatchRows)
+    assert not make(MultiObjective)[0].automatic_optimization
     start = {k: v.clone() for k, v in auto.state_dict().items()}
     assert all(torch.equal(start[k], v) for k, v in manual.state_dict().items())
     fit(auto, data)
@@ -98,6 +110,7 @@ def test_mimo_gradient_is_that_of_the_penalised_objective() -> None:
     surrogate = model.total_loss(losses)
     uni = torch.stack([losses[m] for m in model.modalities])
     penalised = losses[FUSED] + 2.0 * 0.3 * torch.logsumexp(uni / 0.3, 0)
+    assert torch.allclose(surrogate, penalised)  # its value is F (logged as train/loss)
     params = list(model.parameters())
     g1 = torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True)
     g2 = torch.autograd.grad(penalised, params, allow_unused=True)
@@ -113,10 +126,13 @@ def test_mimo_gradient_is_that_of_the_penalised_objective() -> None:
 
 
 def test_bogc_microbatch_mean_is_the_full_batch_gradient() -> None:
-    model, data = make(BOGC, variance="microbatch", n_chunks=4)
+    model, data = make(BOGC, moments=Microbatch(n_chunks=4))
     b = batch(data)
-    _, _, mean, var = model.gradient_statistics(b)
+    _, _, stats = model.moments.local(model, b)
+    mean, var = model.moments.finish(stats, 1)
+    # without features: one backward per objective through the whole model (no boundary VJPs)
     full = jac.objective_rows(model.objectives(model(b.inputs), b.target), model.groups)
+    assert set(mean) == set(full)
     for g in full:
         assert torch.allclose(mean[g], full[g], atol=1e-6), g
         assert var is not None and (var[g] >= 0).all()
@@ -169,8 +185,6 @@ def test_logits_keys_and_inference_rule() -> None:
 
 
 def test_last_layer_moments_equal_explicit_per_sample_gradients() -> None:
-    from mmlearn.strategies.bogc import last_layer_moments
-
     torch.manual_seed(0)
     layer = torch.nn.Linear(5, 3)
     h, y = torch.randn(7, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0])
@@ -185,11 +199,81 @@ def test_last_layer_moments_equal_explicit_per_sample_gradients() -> None:
 
 
 def test_bogc_last_layer_trains_with_one_variance_per_objective() -> None:
-    model, data = make(BOGC, variance="last_layer")
-    _, _, _, var = model.gradient_statistics(batch(data))
+    model, data = make(BOGC, moments=LastLayer())
+    _, _, stats = model.moments.local(model, batch(data))
+    _, var = model.moments.finish(stats, 1)
     assert var is not None
     enc = var["encoder.m0"]
     assert enc.shape[0] == 2 and torch.equal(enc[0], enc[0, :1].expand_as(enc[0]))
     assert float(enc[0, 0]) != float(enc[1, 0]) and (enc >= 0).all()
     trainer = fit(model, data, max_steps=3)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_clip_grad_norm_is_the_one_clipping_option_also_for_automatic_strategies() -> None:
+    model, data = make(LateFusionHeads, clip_grad_norm=0.01)
+    fit(model, data, max_steps=1)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert float(norm) <= 0.01 + 1e-6
+    model, data = make(LateFusionHeads)
+    with pytest.raises(
+        MMLearnError, match=r"gradient_clip_val=1.0: clip with model.clip_grad_norm"
+    ):
+        fit(model, data, max_steps=1, gradient_clip_val=1.0)
+    # manual strategies: Lightning's own check (before any setup hook) refuses it first
+    model, data = make(BOGC)
+    with pytest.raises(Exception, match=r"gradient_clip_val=1.0"):
+        fit(model, data, max_steps=1, gradient_clip_val=1.0)
+
+
+class RecordingStep(jac.ManualStep):
+    """The real step, recording the weights it used at every call."""
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, model, batch):  # type: ignore[no-untyped-def]
+        report = super().__call__(model, batch)
+        self.weights.append({k: v.clone() for k, v in report["weights"].items()})
+        return report
+
+
+@pytest.mark.parametrize("cls, kw", [(MultiObjective, {"rule": MGDA()}), (BOGC, {})])
+def test_every_recomputes_the_weights_every_t_steps_and_reuses_them_between(cls, kw) -> None:
+    model, data = make(cls, every=2, **kw)
+    model.gradient_step = recorder = RecordingStep()
+    fit(model, data, max_steps=4)
+    w = recorder.weights
+    assert len(w) == 4
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(w, w[1:], strict=False)]
+    assert same == [True, False, True]  # steps 0 = 1, 1 != 2 (recomputed), 2 = 3
+    assert model.cached_weights is not None
+
+
+def test_ema_moments_live_in_float32_buffers_of_the_state_dict() -> None:
+    model, data = make(BOGC, moments=EMAMoments(beta=0.5))
+    encoders = [i for i, g in enumerate(model.groups) if len(g.objectives) > 1]
+    keys = {f"moments.{s}_{i}" for i in encoders for s in ("mean", "m2")} | {"moments.weight"}
+    assert keys <= set(model.state_dict())
+    assert not any(k.startswith("moments.") for k in set(model.state_dict()) - keys)
+    fit(model, data, max_steps=3, precision="bf16-mixed")
+    state = model.state_dict()
+    assert all(state[k].dtype == torch.float32 for k in keys)
+    assert float(state["moments.weight"]) == pytest.approx(1 + 0.5 + 0.25)  # S_3
+    assert float(state[f"moments.m2_{encoders[0]}"].abs().sum()) > 0
+    fresh, _ = make(BOGC, moments=EMAMoments(beta=0.5))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.moments.weight, model.moments.weight)
+
+
+def test_moments_that_cannot_serve_the_rule_or_the_model_are_refused() -> None:
+    with pytest.raises(MMLearnError, match=r"rule BOGCCalibration needs a variance"):
+        make(MultiObjective, rule=BOGC(input_shapes={"a": [2]}, num_classes=2).rule)
+    image = {"encoders": {"m0": {"name": "resnet18", "width": 4, "blocks": [1]}}}
+    torch.manual_seed(0)
+    with pytest.raises(MMLearnError, match=r"Microbatch moments: joint.encoders.m0.*BatchNorm2d"):
+        BOGC(
+            input_shapes={"m0": [1, 8, 8], "m1": [3]}, num_classes=2, moments=Microbatch(), **image
+        )
+    # EMAMoments and LastLayer work with BatchNorm
+    BOGC(input_shapes={"m0": [1, 8, 8], "m1": [3]}, num_classes=2, moments=LastLayer(), **image)

@@ -23,13 +23,18 @@ from torch import Tensor, nn
 from helpers import fit_recording_warnings  # noqa: I001  (tests/helpers.py)
 from mmlearn.batch import MultimodalBatch
 from mmlearn.errors import MMLearnError
-from mmlearn.gradients import Sum
+from mmlearn.gradients import MGDA, BOGCCalibration, Sum
 from mmlearn.heads import all_present, make_head, product_of_experts
 from mmlearn.strategies import (
+    BOGC,
     FUSED,
     I2M2,
+    STRATEGIES,
+    BatchRows,
+    EMAMoments,
     InterOnly,
     IntraOnly,
+    LastLayer,
     LateFusionHeads,
     MultiObjective,
 )
@@ -261,12 +266,73 @@ def test_default_architecture_and_saved_hyperparameters() -> None:
             "fusion_rank": 4,
             "head_hidden": 128,
             "dropout": 0.0,
+            "clip_grad_norm": None,
         }  # the optimiser and scheduler factories are not hyperparameters (not serialisable)
     sched = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1)
     scheduled = InterOnly(input_shapes=SHAPES, num_classes=K, embed_dim=4, lr_scheduler=sched)
     assert "lr_scheduler" not in scheduled.hparams
-    multi = MultiObjective(rule=Sum(), input_shapes=SHAPES, num_classes=K, embed_dim=4)
-    assert "rule" not in multi.hparams
+    multi = MultiObjective(
+        rule=Sum(), moments=EMAMoments(), input_shapes=SHAPES, num_classes=K, embed_dim=4
+    )
+    # the rule and the moments estimator are objects (chosen by class path), not hyperparameters
+    assert "rule" not in multi.hparams and "moments" not in multi.hparams
+    if multi.hparams:
+        assert multi.hparams["every"] == 1
+
+
+def test_the_gradient_strategies_defaults() -> None:
+    kw = {"input_shapes": SHAPES, "num_classes": K, "embed_dim": 4}
+    multi = MultiObjective(**kw)  # rule None: the plain sum, through the manual step
+    assert type(multi.rule) is Sum and type(multi.moments) is BatchRows
+    assert multi.every == 1 and multi.clip_grad_norm is None
+    assert multi.automatic_optimization is False
+    assert multi.objective_names == [FUSED, "a", "b"]
+    assert type(MultiObjective(rule=None, **kw).rule) is Sum
+    bogc = BOGC(**kw)
+    assert type(bogc.rule) is BOGCCalibration
+    assert (bogc.rule.eps_rel, bogc.rule.e_max) == (1e-3, 1e3)
+    assert type(bogc.moments) is EMAMoments and bogc.moments.beta == 0.9
+    assert bogc.automatic_optimization is False and bogc.every == 1
+    tuned = BOGC(eps_rel=0.05, e_max=7.0, moments=LastLayer(), every=3, **kw)
+    assert (tuned.rule.eps_rel, tuned.rule.e_max, tuned.every) == (0.05, 7.0, 3)
+    assert type(tuned.moments) is LastLayer
+    mgda = MGDA()
+    assert (mgda.scale, mgda.normalize, mgda.scope) == (1.0, False, "global")
+    reference = LateFusionHeads(**kw)  # the reference: automatic optimisation of the sum
+    assert reference.automatic_optimization is True
+    assert reference.objective_names == [FUSED, "a", "b"]
+    assert STRATEGIES["LateFusionHeads"] is LateFusionHeads
+    # manual optimisation is MultiObjective's (BOGC is a preset of it), and only its
+    manual = {
+        name
+        for name, cls in STRATEGIES.items()
+        if not cls(**kw).automatic_optimization  # type: ignore[call-arg]
+    }
+    assert manual == {n for n, c in STRATEGIES.items() if issubclass(c, MultiObjective)}
+    assert manual >= {"MultiObjective", "BOGC"}
+
+
+def test_the_gradient_strategies_validate_their_options() -> None:
+    kw = {"input_shapes": SHAPES, "num_classes": K, "embed_dim": 4}
+    for bad in ({"eps_rel": 0.0}, {"eps_rel": -1.0}):
+        with pytest.raises(
+            MMLearnError, match=exact(f"BOGC: eps_rel={bad['eps_rel']}; expected > 0")
+        ):
+            BOGC(**bad, **kw)
+    with pytest.raises(MMLearnError, match=exact("BOGC: e_max=0.0; expected > 0")):
+        BOGC(e_max=0.0, **kw)
+    with pytest.raises(
+        MMLearnError, match=exact("MGDA: scope='encoder'; expected one of ['global', 'per_group']")
+    ):
+        MGDA(scope="encoder")
+    with pytest.raises(MMLearnError, match=exact("MGDA: scale=0.0; expected > 0")):
+        MGDA(scale=0.0)
+    assert MGDA(scope="per_group", scale=3.0).scope == "per_group"
+    for removed in ({"variance": "ema"}, {"beta": 0.5}, {"n_chunks": 4}, {"eps": 1e-8}):
+        with pytest.raises(TypeError):  # the old options are gone, not silently ignored
+            BOGC(**removed, **kw)
+    with pytest.raises(TypeError):
+        MultiObjective(local_statistics=True, **kw)
 
 
 def test_fusion_rank_dropout_and_encoder_specs_reach_the_modules() -> None:
@@ -562,8 +628,9 @@ def independent_run() -> Run:
 def test_training_logs_the_loss_and_each_objective(independent_run: Run) -> None:
     model, batches, metrics, bar, _ = independent_run
     everything, last = cat(batches), batches[-1]
-    z_all = expert_logits(model, everything.inputs)
-    z_last = expert_logits(model, last.inputs)
+    with torch.no_grad():
+        z_all = expert_logits(model, everything.inputs)
+        z_last = expert_logits(model, last.inputs)
     for m in SHAPES:
         ce_all = float(F.cross_entropy(z_all[m], everything.target))
         assert float(metrics[f"train/loss/{m}_epoch"]) == pytest.approx(ce_all, rel=1e-5)
@@ -594,7 +661,8 @@ def test_training_logs_the_loss_and_each_objective(independent_run: Run) -> None
 def test_validation_scores_the_prediction_with_missing_modalities(independent_run: Run) -> None:
     model, _, _, _, val = independent_run
     data = cat(make_batches([5, 3], seed=2, masks=True))
-    z = expert_logits(model, data.inputs)
+    with torch.no_grad():
+        z = expert_logits(model, data.inputs)
     log_probs = masked_product(z, data.present)
     unmasked = masked_product(z, None)
     assert float((log_probs - unmasked).abs().max()) > 0.1  # the masks matter here
@@ -606,17 +674,23 @@ def test_validation_scores_the_prediction_with_missing_modalities(independent_ru
         assert val[f"val/acc/{m}"] == pytest.approx(acc_m)
 
 
-def test_single_objective_runs_log_no_per_objective_losses() -> None:
+def test_single_objective_runs_log_their_one_objective_too() -> None:
     torch.manual_seed(0)
     model = InterOnly(input_shapes=SHAPES, num_classes=K, embed_dim=4, optimizer=SGD0)
     run = trainer()
-    caught = fit_recording_warnings(run, model, TinyData(make_batches([3])))
-    assert {k for k in run.callback_metrics if k.startswith("train/loss")} == {
-        "train/loss",
-        "train/loss_step",
-        "train/loss_epoch",
+    (batch,) = make_batches([3])
+    caught = fit_recording_warnings(run, model, TinyData([batch]))
+    metrics = run.callback_metrics
+    assert {k for k in metrics if k.startswith("train/loss")} == {
+        f"train/loss{name}{s}" for name in ("", "/fused") for s in ("", "_step", "_epoch")
     }
-    assert "val/loss" in run.callback_metrics
+    j = model.joint
+    with torch.no_grad():
+        z = j.head(j.fusion({m: j.encoders[m](batch.inputs[m]) for m in SHAPES}))
+    ce = float(F.cross_entropy(z, batch.target))
+    assert float(metrics["train/loss/fused_step"]) == pytest.approx(ce, rel=1e-5)
+    assert float(metrics["train/loss_step"]) == pytest.approx(ce, rel=1e-5)
+    assert "val/loss" in metrics
     # every logged value comes with its batch size: Lightning need not guess it from the batch
     assert not [w for w in caught if "batch_size" in w]
 

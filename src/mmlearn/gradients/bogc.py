@@ -1,10 +1,11 @@
-"""BOGC: Bayesian-oriented gradient calibration (METHODS.md section 5, our reconstruction).
+"""BOGC: Bayesian-oriented gradient calibration (docs/methods.md section 5, our reconstruction).
 
 Guo, Wang, Guo, Li, Sun, Zheng, Qiang, "Multi-Modal Learning with Bayesian-Oriented Gradient
 Calibration", arXiv 2505.23071. Each objective's gradient is a random variable; its per-dimension
 precision becomes evidence (subjective logic), the objectives' opinions are fused with the reduced
 Dempster-Shafer rule of trusted multi-view classification (Han et al., ICLR 2021), and the fused
-beliefs weight the objectives per dimension.
+beliefs weight the objectives per dimension. The variance comes from the moments estimator
+(:mod:`mmlearn.strategies.moments`); this rule is a pure function of the rows and that variance.
 """
 
 from __future__ import annotations
@@ -13,17 +14,44 @@ import torch
 from torch import Tensor
 
 from mmlearn.errors import MMLearnError
-from mmlearn.gradients.base import Rule
+from mmlearn.gradients.base import Rule, ones
+
+#: groups with more variance entries than this take their median on a fixed strided subsample
+SUBSAMPLE = 2**18
 
 
-def evidence(var: Tensor, eps: float = 1e-8, e_max: float = 1e3) -> Tensor:
-    """Scale-free evidence ``e = lambda / mean(lambda)``, ``lambda = 1 / (var + eps)``.
+def positive_median(x: Tensor) -> Tensor:
+    """Median of the positive entries of ``x`` (a 0-dim tensor; NaN where none is positive).
 
-    ``var [n, P]``; the mean runs over the whole group (objectives and dimensions), so the
-    evidence does not depend on the gradients' scale. Clipped to ``[0, e_max]``.
+    Entries ``<= 0`` (dead coordinates: zero variance) are left out, so adding them changes
+    nothing. Above :data:`SUBSAMPLE` entries the median is taken on every s-th entry (s fixed
+    by the size): deterministic, so every rank computes the same value from the same synced
+    variance. No host synchronisation (NaN masking instead of boolean indexing).
     """
-    lam = 1.0 / (var.clamp_min(0) + eps)
-    return (lam / lam.mean()).clamp(0, e_max)
+    flat = x.detach().flatten()
+    if flat.numel() > SUBSAMPLE:
+        flat = flat[:: -(-flat.numel() // SUBSAMPLE)]
+    return torch.where(flat > 0, flat, torch.full_like(flat, float("nan"))).nanmedian()
+
+
+def evidence(var: Tensor, eps_rel: float = 1e-3, e_max: float = 1e3) -> Tensor:
+    """Scale-free evidence ``e = lambda / lambda_med``, clipped to ``[0, e_max]``.
+
+    ``var [n, P]``; ``m`` the median of its positive entries (objectives and dimensions of the
+    group, :func:`positive_median`); precision ``lambda = 1 / (var + eps_rel * m)``, normalised
+    by the precision at the median variance ``lambda_med = 1 / (m (1 + eps_rel))`` (the median
+    precision: ``lambda`` decreases with ``var``). Multiplying every gradient by ``c`` multiplies
+    ``var`` and ``m`` by ``c^2`` and leaves ``e`` unchanged; coordinates with zero variance do
+    not move ``m``. Where no entry has positive variance (an estimator's first step) every
+    evidence is 1: equal opinions, the plain sum.
+    """
+    m = positive_median(var)
+    if bool(m.isnan()):
+        return torch.ones_like(var)
+    # e = m (1 + eps_rel) / (var + eps_rel m), in place on one temporary (groups are large);
+    # a negative variance counts as zero
+    e = var.clamp_min(0).add_(eps_rel * m)
+    return e.reciprocal_().mul_(m * (1 + eps_rel)).clamp_(0, e_max)
 
 
 def fused_opinion(e: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,75 +76,65 @@ def ds_combine(b1: Tensor, u1: Tensor, b2: Tensor, u2: Tensor) -> tuple[Tensor, 
     return (b1 * b2 + b1 * u2 + b2 * u1) * scale, u1 * u2 * scale
 
 
-def calibrate(mu: Tensor, var: Tensor, eps: float = 1e-8, e_max: float = 1e3):
+def calibrate(
+    mu: Tensor, var: Tensor, eps_rel: float = 1e-3, e_max: float = 1e3
+) -> tuple[Tensor, Tensor]:
     """Calibrated update ``g = n * sum_k w_k mu_k`` with ``w_k = b_k + u / n``.
 
     Args:
         mu: ``[n, P]`` each objective's gradient this step.
         var: ``[n, P]`` each objective's per-dimension gradient variance.
+        eps_rel: variance floor relative to the group's median variance.
+        e_max: evidence cap (the evidence of the median-variance entry is 1).
 
     Returns:
         ``(g [P], w [n, P])``; ``w`` is positive and sums to 1 over objectives. Equal variances
         give ``w = 1/n`` and ``g = sum_k mu_k``; a lower-variance objective gets more weight.
     """
     n = mu.shape[0]
-    b, u = fused_opinion(evidence(var, eps, e_max))
-    w = b + u / n
-    return n * (w * mu).sum(0), w
+    e = evidence(var, eps_rel, e_max)  # a new tensor: updated in place below
+    # w = b + u/n = (e + 1/n) / (S + 1), and sum_k (e_k + 1/n) = S + 1: formed in place, the
+    # group can hold millions of entries
+    w = e.add_(1.0 / n)
+    w /= w.sum(0, keepdim=True)
+    return (w * mu).sum(0).mul_(n), w
 
 
 class BOGCCalibration(Rule):
-    """BOGC's combining rule with the ``ema`` variance estimator built in.
+    """BOGC's combining rule: per-dimension weights from the objectives' gradient variances.
 
-    With ``var`` given (the ``microbatch`` estimator of the Jacobian step) it calibrates with that
-    variance. Without, it keeps per-group exponential moving averages of ``g`` and ``g^2``
-    (decay ``beta``, bias-corrected) over steps: ``var = E[g^2] - E[g]^2``, ``mu`` = this step's
-    rows. The first step has zero variance everywhere, i.e. equal evidence and the plain sum.
+    Needs a moments estimator that gives a variance (``EMAMoments``, ``Microbatch``,
+    ``LastLayer``). A group reached by one objective gets its gradient unchanged.
 
     Args:
-        beta: EMA decay.
-        eps: added to the variance before inverting.
-        e_max: evidence cap.
+        eps_rel: variance floor, relative to the group's median positive variance (so that the
+            method does not depend on the gradients' scale).
+        e_max: evidence cap, in units of the median-variance entry's evidence.
     """
 
-    def __init__(self, beta: float = 0.9, eps: float = 1e-8, e_max: float = 1e3) -> None:
-        if not 0 <= beta < 1:
-            raise MMLearnError(f"BOGC: beta={beta}; expected 0 <= beta < 1")
-        self.beta, self.eps, self.e_max = beta, eps, e_max
-        self.state: dict[str, tuple[Tensor, Tensor, float]] = {}
+    needs_variance = True
 
-    def ema_variance(self, rows: Tensor, group: str) -> Tensor:
-        """Update the group's moving moments with ``rows`` and return the variance ``[n, P]``.
+    def __init__(self, eps_rel: float = 1e-3, e_max: float = 1e3) -> None:
+        if not eps_rel > 0:
+            raise MMLearnError(f"BOGC: eps_rel={eps_rel}; expected > 0")
+        if not e_max > 0:
+            raise MMLearnError(f"BOGC: e_max={e_max}; expected > 0")
+        self.eps_rel, self.e_max = eps_rel, e_max
 
-        Computes the bias-corrected ``E[g^2] - E[g]^2`` of the exponentially weighted history by
-        the weighted Welford recursion (West, 1979): ``S_t = beta S + 1``,
-        ``m_t = m + (g - m) / S_t``, ``M2_t = beta M2 + (g - m)(g - m_t)``, ``var = M2_t / S_t``.
-        Forming ``E[g^2] - E[g]^2`` directly cancels catastrophically where the gradient is
-        consistent (variance << g^2), and the evidence, a ratio of precisions, amplifies that
-        rounding into the update: two summation orders of the same batch then train differently.
-        """
-        zeros = torch.zeros_like(rows)
-        mean, m2, s = self.state.get(group, (zeros, zeros, 0.0))
-        s = self.beta * s + 1.0
-        delta = rows - mean
-        mean = mean + delta / s
-        m2 = self.beta * m2 + delta * (rows - mean)
-        self.state[group] = (mean, m2, s)
-        return (m2 / s).clamp_min(0)
-
-    def combine(
-        self, rows: Tensor, group: str = "", var: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, rows: Tensor, var: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if rows.shape[0] == 1:
-            return rows[0], torch.ones_like(rows)
+            return rows[0], ones(rows)
         if var is None:
-            var = self.ema_variance(rows, group)
-        return calibrate(rows, var, self.eps, self.e_max)
+            raise MMLearnError(
+                "BOGCCalibration needs a per-dimension variance: choose a moments estimator that "
+                "gives one (EMAMoments, Microbatch or LastLayer), not BatchRows"
+            )
+        return calibrate(rows, var, self.eps_rel, self.e_max)
 
-    def state_dict(self) -> dict[str, object]:
-        return {"state": {k: (a.cpu(), b.cpu(), t) for k, (a, b, t) in self.state.items()}}
+    def apply(self, rows: Tensor, weights: Tensor) -> Tensor:
+        if rows.shape[0] == 1:
+            return rows[0]
+        return rows.shape[0] * (weights.to(rows.dtype) * rows).sum(0)
 
-    def load_state_dict(self, state: dict[str, object], device: torch.device | None = None):
-        saved = state.get("state", {})
-        assert isinstance(saved, dict)
-        self.state = {k: (a.to(device), b.to(device), t) for k, (a, b, t) in saved.items()}
+    def coefficients(self, weights: Tensor) -> Tensor | None:
+        return weights if weights.dim() == 1 else None  # one objective: its row unchanged

@@ -1,8 +1,10 @@
 """Training strategies, one LightningModule each, chosen on the CLI with ``--model <Name>``.
 
 ``InterOnly`` (joint fusion model), ``IntraOnly`` (unimodal experts), ``I2M2`` (their product),
-``MIMO`` and ``BOGC`` (gradient-level balancing of fused and unimodal objectives), and
-``MultiObjective`` (any rule from :mod:`mmlearn.gradients`, e.g. the ``MGDA`` baseline).
+``MIMO`` and ``BOGC`` (gradient-level balancing of fused and unimodal objectives),
+``MultiObjective`` (any rule from :mod:`mmlearn.gradients` with any moments estimator from
+:mod:`mmlearn.strategies.moments`, e.g. the ``MGDA`` baseline) and ``LateFusionHeads`` (the
+reference: InterOnly with unimodal heads, the plain sum by automatic optimisation).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from mmlearn.strategies.inter_only import InterOnly
 from mmlearn.strategies.intra_only import IntraOnly
 from mmlearn.strategies.late_fusion import LateFusionHeads
 from mmlearn.strategies.mimo import MIMO
+from mmlearn.strategies.moments import BatchRows, EMAMoments, LastLayer, Microbatch, Moments
 from mmlearn.strategies.multi_objective import MultiObjective
 
 STRATEGIES: dict[str, type[MultimodalModule]] = {
@@ -23,10 +26,16 @@ STRATEGIES: dict[str, type[MultimodalModule]] = {
     "MIMO": MIMO,
     "BOGC": BOGC,
     "MultiObjective": MultiObjective,
+    "LateFusionHeads": LateFusionHeads,
 }
 
 __all__ = [
     "BOGC",
+    "BatchRows",
+    "EMAMoments",
+    "LastLayer",
+    "Microbatch",
+    "Moments",
     "FUSED",
     "LateFusionHeads",
     "MIMO",

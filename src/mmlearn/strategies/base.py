@@ -23,6 +23,7 @@ from mmlearn.errors import MMLearnError
 from mmlearn.fusion import Fusion, build_fusion
 from mmlearn.heads import make_head
 from mmlearn.metrics import key, stage_metrics
+from mmlearn.strategies.step import sync_batchnorm
 
 FUSED = "fused"
 
@@ -78,6 +79,10 @@ class MultimodalModule(pl.LightningModule):
         dropout: dropout in the fused head.
         optimizer: optimiser factory, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``.
         lr_scheduler: optional scheduler factory, stepped every epoch.
+        clip_grad_norm: clip the global gradient norm (over all parameters, after a
+            gradient-level strategy has combined its objectives) to this value before every
+            optimiser step; the one clipping option of every strategy, automatic or manual
+            (``trainer.gradient_clip_val`` is refused, so a config cannot clip twice).
     """
 
     #: Whether the forward pass returns unimodal logits, measured as ``{stage}/acc/{modality}``.
@@ -96,9 +101,10 @@ class MultimodalModule(pl.LightningModule):
         dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rule"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "rule", "moments"])
         if not input_shapes:
             raise MMLearnError(
                 f"{type(self).__name__}: input_shapes is empty; expected modality -> sample shape "
@@ -122,6 +128,11 @@ class MultimodalModule(pl.LightningModule):
         self.head_hidden, self.dropout = head_hidden, dropout
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise MMLearnError(
+                f"{type(self).__name__}: clip_grad_norm={clip_grad_norm}; expected > 0 (or null)"
+            )
+        self.clip_grad_norm = clip_grad_norm
         self.final_metrics, self.expert_metrics = stage_metrics(
             self.num_classes, self.modalities, self.has_experts, self.multilabel
         )
@@ -193,11 +204,23 @@ class MultimodalModule(pl.LightningModule):
         return (log_probs.exp() > 0.5).long() if self.multilabel else log_probs.argmax(-1)
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """What automatic optimisation back-propagates: the sum of the objectives by default."""
+        """The objective the strategy minimises, logged as ``train/loss``: the sum by default.
+
+        Automatic optimisation back-propagates it; gradient-level strategies log it and follow
+        their rule's combination of the objectives' gradients instead.
+        """
         return torch.stack(list(losses.values())).sum()
+
+    def log_losses(self, total: Tensor, losses: Mapping[str, Tensor], batch_size: int) -> None:
+        """``train/loss`` (:meth:`total_loss`) and every objective as ``train/loss/{name}``."""
+        log = {"train/loss": total.detach()}
+        log |= {f"train/loss/{k}": v.detach() for k, v in losses.items()}
+        self.log_dict(log, on_step=True, on_epoch=True, batch_size=batch_size)
 
     # ---- checks ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            self._setup_trainer()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         shapes = getattr(dm, "input_shapes", None)
         if shapes is None:
@@ -220,6 +243,37 @@ class MultimodalModule(pl.LightningModule):
                 f"the data is {'multi' if data_multilabel else 'single'}-label, the model was "
                 f"built with multilabel={self.multilabel}"
             )
+
+    def _refuse_trainer_clipping(self) -> None:
+        clip = getattr(self.trainer, "gradient_clip_val", None)
+        if clip is not None:
+            raise MMLearnError(
+                f"trainer.gradient_clip_val={clip}: clip with model.clip_grad_norm={clip} instead "
+                "(the one clipping option of every strategy, automatic or manual)"
+            )
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # the first hook of every Trainer run, before Lightning's own check of manual
+        # optimisation (which would refuse gradient_clip_val without naming the option to use)
+        if self._trainer is not None:
+            self._refuse_trainer_clipping()
+        return []
+
+    def _setup_trainer(self) -> None:
+        self._refuse_trainer_clipping()
+        if self.trainer.world_size > 1:
+            # each rank's BatchNorm would normalise with its own half of the batch: synchronise,
+            # so that 2 ranks of batch B train as 1 process of batch 2B
+            sync_batchnorm(self, self.trainer.strategy.root_device.type == "cuda")
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        if self.clip_grad_norm:
+            self.clip_gradients(optimizer, self.clip_grad_norm, "norm")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint trained on other modalities, before its weights are loaded."""
@@ -247,10 +301,7 @@ class MultimodalModule(pl.LightningModule):
         outputs = self(batch.inputs)
         losses = self.objectives(outputs, batch.target)
         loss = self.total_loss(losses)
-        log = {"train/loss": loss}
-        if len(losses) > 1:
-            log |= {f"train/loss/{k}": v.detach() for k, v in losses.items()}
-        self.log_dict(log, on_step=True, on_epoch=True, batch_size=batch.size, prog_bar=False)
+        self.log_losses(loss, losses, batch.size)
         with torch.no_grad():
             self._update_metrics("train", outputs, batch)
         return loss
@@ -316,7 +367,8 @@ def impute_missing(batch: MultimodalBatch) -> dict[str, Tensor]:
     """Inputs with absent modalities replaced by zeros.
 
     DataModules standardise features on the training split, so zero is the training mean of a
-    standardised modality: the "impute the training mean" protocol of METHODS.md section 1.
+    standardised modality: the "impute the training mean" protocol (docs/methods.md sections 1
+    and 8).
     """
     if batch.present is None:
         return batch.inputs

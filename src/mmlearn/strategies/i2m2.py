@@ -1,4 +1,4 @@
-"""I2M2: inter- and intra-modality product of experts (METHODS.md section 3)."""
+"""I2M2: inter- and intra-modality product of experts (docs/methods.md section 3)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class I2M2(MultimodalModule):
         **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule`.
 
     Cost: forward of the joint model plus M unimodal models, one backward. Clip the global
-    gradient norm over all experts together (the paper: 8) with ``trainer.gradient_clip_val``.
+    gradient norm over all experts together (the paper: 8) with ``clip_grad_norm``.
     """
 
     has_experts = True

@@ -1,4 +1,4 @@
-"""Inter-only: one joint fusion model (METHODS.md section 1)."""
+"""Inter-only: one joint fusion model (docs/methods.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Intra-only: unimodal experts combined as a product of experts (METHODS.md section 2)."""
+"""Intra-only: unimodal experts combined as a product of experts (docs/methods.md section 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Late fusion with unimodal heads: the model MIMO, BOGC and the gradient baselines share."""
+"""Late fusion with unimodal heads: the reference strategy, and the model MIMO, BOGC and the
+gradient baselines share."""
 
 from __future__ import annotations
 
@@ -8,17 +9,22 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmlearn.strategies._jacobian import ParamGroup, validate_groups
 from mmlearn.strategies.base import FUSED, MultimodalModule
+from mmlearn.strategies.step import ParamGroup, validate_groups
 
 
 class LateFusionHeads(MultimodalModule):
-    """Joint model (encoders, fusion, fused head) plus a linear head on each encoder.
+    """InterOnly with a linear head on each encoder, trained on ``L_0 + sum_m L_m``.
 
     Objectives: ``L_0 = CE(z_J, y)`` (key ``"fused"``) and ``L_m = CE(h_m(phi_m(x_m)), y)`` (key
     ``m``). The encoders are shared: encoder m is reached by ``fused`` and ``m``, the fusion and
     fused head by ``fused`` only, head m by ``m`` only (:meth:`parameter_groups`). Inference is the
     fused head; the unimodal heads give per-modality predictions for free.
+
+    As a strategy of its own (``--model LateFusionHeads``) it is trained by automatic
+    optimisation of the plain sum: the reference every gradient-level strategy's step time is
+    measured against (docs/methods.md section 9), and what ``MultiObjective`` with ``Sum``
+    computes through the manual step.
 
     Args: see :class:`~mmlearn.strategies.base.MultimodalModule`.
     """
@@ -31,11 +37,25 @@ class LateFusionHeads(MultimodalModule):
         self.heads = nn.ModuleDict(
             {m: nn.Linear(self.embed_dim, self.num_classes) for m in self.modalities}
         )
+        self.objective_names = [FUSED, *self.modalities]
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def forward_features(
+        self, inputs: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(features {m: [B, D]}, logits {"fused": [B, K], m: [B, K]})``."""
         feats = self.joint.features(inputs)
         out = {FUSED: self.joint.head(self.joint.fusion(feats))}
-        return out | {m: head(feats[m]) for m, head in self.heads.items()}
+        return feats, out | {m: head(feats[m]) for m, head in self.heads.items()}
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self.forward_features(inputs)[1]
+
+    def objective_graph(
+        self, inputs: Mapping[str, Tensor], target: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """``(outputs, losses, features)``: what the manual step differentiates."""
+        feats, outputs = self.forward_features(inputs)
+        return outputs, self.objectives(outputs, target), feats
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         return {k: self.loss(z, target) for k, z in outputs.items()}
@@ -45,10 +65,20 @@ class LateFusionHeads(MultimodalModule):
     ) -> Tensor:
         return self.log_proba(outputs[FUSED])
 
+    def last_linear(self, objective: str) -> nn.Linear:
+        """The final linear layer of ``objective``'s head."""
+        head = self.joint.head if objective == FUSED else self.heads[objective]
+        return [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+
     def parameter_groups(self) -> list[ParamGroup]:
-        """Which objectives reach which parameters (validated: each parameter in one group)."""
+        """Which objectives reach which parameters (validated: each parameter in one group).
+
+        Encoder m's group is reached through its features (``boundary=m``).
+        """
         groups = [
-            ParamGroup(f"encoder.{m}", list(self.joint.encoders[m].parameters()), [FUSED, m])
+            ParamGroup(
+                f"encoder.{m}", list(self.joint.encoders[m].parameters()), [FUSED, m], boundary=m
+            )
             for m in self.modalities
         ]
         fused = [*self.joint.fusion.parameters(), *self.joint.head.parameters()]
@@ -56,7 +86,7 @@ class LateFusionHeads(MultimodalModule):
         groups += [
             ParamGroup(f"head.{m}", list(h.parameters()), [m]) for m, h in self.heads.items()
         ]
-        validate_groups(groups, self, [FUSED, *self.modalities])
+        validate_groups(groups, self, self.objective_names)
         return groups
 
     def log_encoder_cosines(self, rows: Mapping[str, Tensor], batch_size: int) -> None:

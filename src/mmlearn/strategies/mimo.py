@@ -1,4 +1,4 @@
-"""MIMO: multi-objective optimisation against modality imbalance (METHODS.md section 4)."""
+"""MIMO: multi-objective optimisation against modality imbalance (docs/methods.md section 4)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmlearn.strategies import _jacobian as jac
+from mmlearn.errors import MMLearnError
+from mmlearn.strategies import step
 from mmlearn.strategies.base import FUSED
 from mmlearn.strategies.late_fusion import LateFusionHeads
 
@@ -23,16 +24,16 @@ class MIMO(LateFusionHeads):
     ``pi = softmax(L / mu)``: the weakest modality gets the largest weight, no sub-problem.
 
     ``pi`` is computed from the unimodal losses averaged over ranks (one all-reduce of M
-    scalars), so the step equals single-process training on the whole batch; it is logged as
-    ``train/pi/{modality}``, the method's main diagnostic.
+    scalars, :func:`mmlearn.strategies.step.sync_mean`), so the step equals single-process
+    training on the whole batch; it is logged as ``train/pi/{modality}``, the method's main
+    diagnostic, and ``train/loss`` is ``F``.
 
     Args:
-        mu: smoothing temperature (-> 0: the max; large: the mean).
-        gamma: penalty weight gamma_0.
+        mu: smoothing temperature, > 0 (-> 0: the max; large: the mean).
+        gamma: penalty weight gamma_0, ``0 <= gamma <= gamma_max``.
         gamma_power: p in ``gamma_t = min(gamma_0 * (1 + t)^p, gamma_max)``, t the global step
             (0: constant).
         gamma_max: cap of the schedule.
-        local_statistics: DIAGNOSTIC, wrong on purpose: ``pi`` from each rank's own losses.
         **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule`.
     """
 
@@ -42,12 +43,17 @@ class MIMO(LateFusionHeads):
         gamma: float = 1.0,
         gamma_power: float = 0.0,
         gamma_max: float = 10.0,
-        local_statistics: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if not mu > 0:
+            raise MMLearnError(f"MIMO: mu={mu}; expected > 0 (the smoothing temperature)")
+        if not 0 <= gamma <= gamma_max:
+            raise MMLearnError(
+                f"MIMO: gamma={gamma} with gamma_max={gamma_max}; expected 0 <= gamma <= "
+                "gamma_max (gamma_max caps the schedule, it would silently replace gamma)"
+            )
         self.mu, self.gamma, self.gamma_power, self.gamma_max = mu, gamma, gamma_power, gamma_max
-        self.local_statistics = local_statistics
 
     def gamma_at(self, step: int) -> float:
         return min(self.gamma * (1 + step) ** self.gamma_power, self.gamma_max)
@@ -55,18 +61,19 @@ class MIMO(LateFusionHeads):
     def modality_weights(self, losses: Mapping[str, Tensor]) -> Tensor:
         """``pi = softmax(L / mu)`` over the unimodal losses, ``[M]``, synced across ranks."""
         uni = torch.stack([losses[m].detach().float() for m in self.modalities])
-        if not self.local_statistics:
-            uni = jac.all_reduce_(uni.clone())
-        return torch.softmax(uni / self.mu, dim=0)
+        return torch.softmax(step.sync_mean(uni) / self.mu, dim=0)
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
+        """``F``'s value, with the gradient of ``L_0 + gamma_t * sum_m pi_m L_m``."""
         pi = self.modality_weights(losses)
         gamma = self.gamma_at(self.global_step)
         uni = torch.stack([losses[m] for m in self.modalities])
-        # same gradient as F (pi is the derivative of mu*logsumexp(L/mu)), cheaper to form
+        # pi is the derivative of mu*logsumexp(L/mu): same gradient as F, with pi from the
+        # rank-averaged losses; the detached difference makes the value F itself
         surrogate = losses[FUSED] + gamma * (pi.to(uni.dtype) * uni).sum()
+        value = losses[FUSED] + gamma * self.mu * torch.logsumexp(uni / self.mu, 0)
         if self._trainer is not None:
             log = {f"train/pi/{m}": pi[i] for i, m in enumerate(self.modalities)}
             # per-step scalars: batch_size=1 makes their epoch value the plain mean over steps
             self.log_dict(log | {"train/gamma": gamma}, on_step=True, on_epoch=True, batch_size=1)
-        return surrogate
+        return surrogate + (value - surrogate).detach()

@@ -1,4 +1,4 @@
-"""Gradient-level combination of the fused and unimodal objectives with any combining rule."""
+"""Gradient-level combination of the fused and unimodal objectives: rows x moments x rule."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from torch import Tensor
 
 from mmlearn.batch import MultimodalBatch
 from mmlearn.errors import MMLearnError
-from mmlearn.gradients import Rule
-from mmlearn.strategies import _jacobian as jac
+from mmlearn.gradients import Rule, Sum
 from mmlearn.strategies.late_fusion import LateFusionHeads
+from mmlearn.strategies.moments import BatchRows, Moments
+from mmlearn.strategies.step import ManualStep
 
 
 def refuse_float16(precision: str, strategy: str) -> None:
@@ -30,76 +31,63 @@ def refuse_float16(precision: str, strategy: str) -> None:
 class MultiObjective(LateFusionHeads):
     """Late fusion with unimodal heads, its objectives' gradients combined by ``rule``.
 
-    ``rule=None``: automatic optimisation of ``L_0 + sum_m L_m`` ("InterOnly with unimodal
-    heads", the reference every gradient-level strategy is timed against). With a rule
-    (``Sum``, ``MGDA``, ``BOGCCalibration``, ... from :mod:`mmlearn.gradients`), each step computes
-    every objective's gradient rows per parameter group, all-reduces them once across ranks, and
-    applies the rule group by group (METHODS.md section 7). ``MGDA`` here is the multi-objective
-    baseline (Sener and Koltun, NeurIPS 2018) solved per encoder.
+    The one manual-optimisation strategy (docs/methods.md section 9): each step, the ``moments``
+    estimator computes every objective's gradient rows per parameter group (and, where it can,
+    their variance) as rank-local sums, the step all-reduces them in ONE collective, and
+    ``rule`` combines them group by group, identically on every rank
+    (:class:`~mmlearn.strategies.step.ManualStep`). With ``MGDA`` this is the multi-objective
+    baseline (Sener and Koltun, NeurIPS 2018); ``BOGC`` is a preset of it.
 
     Args:
-        rule: the combining rule, e.g. ``{class_path: mmlearn.gradients.MGDA}``.
-        clip_grad_norm: global gradient-norm clip after combining (manual optimisation cannot use
-            ``trainer.gradient_clip_val``).
-        local_statistics: DIAGNOSTIC, wrong on purpose: apply the rule to each rank's own rows and
-            average the results. Ranks stay equal, but the result depends on the number of ranks;
-            the distributed tests keep it to prove that they can tell.
-        **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule`.
+        rule: the combining rule, e.g. ``{class_path: mmlearn.gradients.MGDA}``; default
+            ``Sum`` (the plain sum, equal to :class:`LateFusionHeads`).
+        moments: the moments estimator, e.g. ``{class_path: mmlearn.strategies.EMAMoments}``;
+            default ``BatchRows`` (this step's rows, no variance).
+        every: recompute the rule's weights every ``every`` steps and re-apply the last ones in
+            between (the rows and moments are still computed every step).
+        **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule` (``clip_grad_norm``).
     """
 
     def __init__(
         self,
         rule: Rule | None = None,
-        clip_grad_norm: float | None = None,
-        local_statistics: bool = False,
+        moments: Moments | None = None,
+        every: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.rule = rule
-        self.clip_grad_norm = clip_grad_norm
-        self.local_statistics = local_statistics
-        self.automatic_optimization = rule is None
+        self.rule = rule if rule is not None else Sum()
+        self.moments = moments if moments is not None else BatchRows()
+        if self.rule.needs_variance and not self.moments.gives_variance:
+            raise MMLearnError(
+                f"{type(self).__name__}: rule {type(self.rule).__name__} needs a variance, "
+                f"moments {type(self.moments).__name__} gives none; use EMAMoments, Microbatch "
+                "or LastLayer"
+            )
+        if int(every) < 1:
+            raise MMLearnError(f"{type(self).__name__}: every={every}; expected >= 1")
+        self.every = int(every)
+        self.automatic_optimization = False
         self.groups = self.parameter_groups()
+        self.moments.bind(self)
+        self.gradient_step = ManualStep()
+        self.cached_weights: dict[str, Tensor] | None = None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if not self.automatic_optimization:
-            refuse_float16(str(self.trainer.precision), type(self).__name__)
+        refuse_float16(str(self.trainer.precision), type(self).__name__)
 
-    def gradient_statistics(
-        self, batch: MultimodalBatch
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], dict[str, Tensor] | None]:
-        """``(outputs, losses, rows, var)`` for this step; ``rows`` are synced across ranks.
-
-        Subclasses with another variance estimator override this; ``var`` None lets the rule
-        estimate what it needs from the rows.
-        """
-        outputs = self(batch.inputs)
-        losses = self.objectives(outputs, batch.target)
-        rows = jac.objective_rows(losses, self.groups)
-        if not self.local_statistics:
-            rows = jac.reduce_rows(rows)
-        return outputs, losses, rows, None
-
-    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> Tensor | None:
-        if self.automatic_optimization:
-            return super().training_step(batch, batch_idx)
-        assert self.rule is not None
+    def training_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
         self.check_batch(batch, "train")
         opt = self.optimizers()
         opt.zero_grad()  # type: ignore[union-attr]
-        outputs, losses, rows, var = self.gradient_statistics(batch)
-        combined, weights = jac.combine(self.rule, self.groups, rows, var)
-        if self.local_statistics:
-            combined = jac.reduce_rows(combined)
-        jac.write_grads(self.groups, combined)
+        report = self.gradient_step(self, batch)
         if self.clip_grad_norm:
             self.clip_gradients(opt, self.clip_grad_norm, "norm")  # type: ignore[arg-type]
         opt.step()  # type: ignore[union-attr]
-        self.log_step(losses, rows, weights, batch)
+        self.log_step(report["losses"], report["rows"], report["weights"], batch)
         with torch.no_grad():
-            self._update_metrics("train", outputs, batch)
-        return None
+            self._update_metrics("train", report["outputs"], batch)
 
     def log_step(
         self,
@@ -109,8 +97,8 @@ class MultiObjective(LateFusionHeads):
         batch: MultimodalBatch,
     ) -> None:
         """Losses, the rule's mean weight per objective and group, and the encoder cosines."""
-        log = {"train/loss": torch.stack([v.detach() for v in losses.values()]).sum()}
-        log |= {f"train/loss/{k}": v.detach() for k, v in losses.items()}
+        self.log_losses(self.total_loss(losses), losses, batch.size)
+        log: dict[str, Tensor] = {}
         for g in self.groups:
             if len(g.objectives) > 1:
                 w = weights[g.name]
@@ -121,14 +109,17 @@ class MultiObjective(LateFusionHeads):
 
     def on_train_epoch_end(self) -> None:
         # manual optimisation: Lightning leaves scheduler stepping to us
-        if not self.automatic_optimization and (sch := self.lr_schedulers()) is not None:
+        if (sch := self.lr_schedulers()) is not None:
             sch.step()  # type: ignore[union-attr]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.rule is not None and hasattr(self.rule, "state_dict"):
-            checkpoint["rule_state"] = self.rule.state_dict()
+        # the moments' state is in module buffers (the state dict); the weights reused between
+        # recomputations (every > 1) are not, and a resumed run must reuse the same ones
+        if self.cached_weights is not None:
+            checkpoint["cached_weights"] = {k: v.cpu() for k, v in self.cached_weights.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if self.rule is not None and "rule_state" in checkpoint:
-            self.rule.load_state_dict(checkpoint["rule_state"], self.device)  # type: ignore[attr-defined]
+        saved = checkpoint.get("cached_weights")
+        if saved is not None:
+            self.cached_weights = {k: v.to(self.device) for k, v in saved.items()}
