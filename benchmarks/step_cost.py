@@ -9,7 +9,8 @@ automatic optimisation of the plain sum), the model every gradient-level strateg
 A noisy machine moves single timings by 2x, so nothing is compared across minutes: in every
 round each strategy trains ``--steps`` steps inside a real Lightning ``Trainer`` (a callback
 times ``on_train_batch_start`` -> ``on_train_batch_end`` after warm-up), the strategies in a
-rotated order, and the ratio to the reference is taken WITHIN the round. The table gives the
+rotated order with the reference timed between every two of them, and each ratio is taken
+against the mean of the reference timings just before and just after it. The table gives the
 median ratio over rounds and its spread (min-max), plus:
 
 - raw loop: the same InterOnly model trained by a plain PyTorch loop (forward, CE, backward,
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mmlearn.batch import MultimodalBatch
-from mmlearn.gradients import MGDA, BOGCCalibration, Sum
+from mmlearn.gradients import MGDA, Block, BOGCCalibration, Sum, evidence, gramian
+from mmlearn.gradients.mgda import min_norm_weights, row_gram
 from mmlearn.runtime import keep_freed_memory
 from mmlearn.strategies import (
     BOGC,
@@ -55,7 +57,6 @@ from mmlearn.strategies import (
     LateFusionHeads,
     Microbatch,
     MultiObjective,
-    step,
 )
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -217,15 +218,27 @@ def weight_times(size: dict[str, Any], device: str, repeats: int = 20) -> dict[s
         sync()
         return 1e3 * (time.perf_counter() - t0) / repeats
 
-    def weights_only(rule: Any) -> Callable[[], object]:
-        # the weights and the combined rows, not the moments (those are the estimator's)
-        return lambda: step.combine(rule, model.groups, rows, var, names)
+    shared = [g for g in model.groups if len(g.objectives) > 1]
+    blocks = [Block(rows[g.name], tuple(names.index(k) for k in g.objectives)) for g in shared]
+    mu = [rows[g.name] for g in shared]
+    vs = [var[g.name] for g in shared]
+    w_mgda = [torch.full((len(g.objectives),), 0.5, device=dev) for g in shared]
+    w_bogc = [BOGCCalibration()(m, v)[1] for m, v in zip(mu, vs, strict=True)]
 
+    def bogc_weights() -> None:
+        for v in vs:  # the weights w = (e + 1/n) / (S + 1), without the weighted sum
+            e = evidence(v).add_(1.0 / v.shape[0])
+            e /= e.sum(0, keepdim=True)
+
+    # the weights alone, then applying them to the rows (which Sum's plain sum also costs)
     return {
         "MIMO": clock(lambda: torch.softmax(uni / 0.5, 0)),
-        "MGDA global": clock(weights_only(MGDA())),
-        "MGDA per_group": clock(weights_only(MGDA(scope="per_group"))),
-        "BOGC ema": clock(weights_only(BOGCCalibration())),
+        "MGDA global": clock(lambda: min_norm_weights(gramian(blocks)[0])),
+        "MGDA per_group": clock(lambda: [min_norm_weights(row_gram(m)) for m in mu]),
+        "BOGC ema": clock(bogc_weights),
+        "apply MGDA": clock(lambda: [w @ m for w, m in zip(w_mgda, mu, strict=True)]),
+        "apply BOGC": clock(lambda: [(w * m).sum(0) for w, m in zip(w_bogc, mu, strict=True)]),
+        "apply Sum": clock(lambda: [m.sum(0) for m in mu]),
     }
 
 
@@ -256,19 +269,36 @@ def main() -> None:
     raw_model = build(InterOnly, {}, size).to("cuda" if device == "gpu" else "cpu")
     data = RandomData(size["shapes"], size["batch"], args.steps)
     ms: dict[str, list[float]] = {n: [] for n in [*names, "raw loop"]}
+    ratio: dict[str, list[float]] = {n: [] for n in ms}
     peak: dict[str, float | None] = {}
+
+    def ref_now() -> float:
+        t = time_steps(models[REF], data, args.warmup, device, size["precision"])[0]
+        ms[REF].append(t)
+        return t
+
     for r in range(args.rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            ms[n].append(time_steps(models[n], data, args.warmup, device, size["precision"])[0])
-            if r == 0 and device == "gpu":
-                peak[n] = time_steps(models[n], data, args.warmup, device, size["precision"])[1]
-        ms["raw loop"].append(raw_steps(raw_model, data, args.warmup, device))
-        print(f"round {r + 1}/{args.rounds}: ref {ms[REF][-1]:.1f} ms", flush=True)
-    ratio = {n: [a / b for a, b in zip(ms[n], ms[REF], strict=True)] for n in ms}
-    framework = [a / b for a, b in zip(ms["InterOnly"], ms["raw loop"], strict=True)]
+        others = [n for n in names if n != REF]
+        order = others[r % len(others) :] + others[: r % len(others)]
+        before = ref_now()
+        for n in [*order, "raw loop"]:
+            if n == "raw loop":
+                t = raw_steps(raw_model, data, args.warmup, device)
+            else:
+                t, mem = time_steps(models[n], data, args.warmup, device, size["precision"])
+                peak.setdefault(n, mem)
+            after = ref_now()
+            ms[n].append(t)
+            # against the reference measured just before and just after: a noisy minute
+            # moves both, not the ratio
+            ratio[n].append(t / (0.5 * (before + after)))
+            before = after
+        print(f"round {r + 1}/{args.rounds}: ref {statistics.median(ms[REF]):.1f} ms", flush=True)
+    ratio[REF] = [1.0]
+    peak.setdefault(REF, time_steps(models[REF], data, args.warmup, device, size["precision"])[1])
+    framework = [a / b for a, b in zip(ratio["InterOnly"], ratio["raw loop"], strict=True)]
     wt = weight_times(size, device)
-    step_of = {k: statistics.median(ms[k]) for k in wt}
+    step_of = {k: statistics.median(ms[k]) for k in wt if k in ms}
     print(
         f"\nstep cost, size={args.size}, batch {size['batch']}, {size['precision']}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
@@ -280,9 +310,10 @@ def main() -> None:
         mem = f"{peak[n]:.0f}" if peak.get(n) is not None else "-"
         print(f"| {n} | {statistics.median(ms[n]):.1f} | {spread(ratio[n])} | {mem} |")
     print(f"\nframework / raw loop (InterOnly): {spread(framework)}")
-    print("\nweight computation per step (the rule alone, on the real rows):")
+    print("\nper step, on the real rows: each rule's weights alone, then applying weights:")
     for k, v in wt.items():
-        print(f"  {k}: {v:.3f} ms = {100 * v / step_of[k]:.1f}% of its step")
+        share = f" = {100 * v / step_of[k]:.1f}% of its step" if k in step_of else ""
+        print(f"  {k}: {v:.3f} ms{share}")
     out = Path(__file__).parent / "results" / f"step_cost_{args.size}.json"
     out.parent.mkdir(exist_ok=True)
     result = {

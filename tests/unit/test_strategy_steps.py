@@ -239,12 +239,10 @@ def test_mimo_logs_the_modality_weights_and_the_penalty_schedule() -> None:
     assert step_metric(trainer, "train/loss") == pytest.approx(f_value, rel=1e-5)
 
 
-def test_mimo_refuses_a_non_positive_temperature_and_gamma_above_its_cap() -> None:
-    for mu in (0.0, -0.5):
-        with pytest.raises(
-            MMLearnError,
-            match=f"^{re.escape(f'MIMO: mu={mu}; expected > 0 (the smoothing temperature)')}$",
-        ):
+def test_mimo_refuses_a_non_positive_or_infinite_temperature_and_gamma_above_its_cap() -> None:
+    for mu in (0.0, -0.5, float("inf"), float("nan")):
+        expected = f"MIMO: mu={mu}; expected a finite mu > 0 (the smoothing temperature)"
+        with pytest.raises(MMLearnError, match=f"^{re.escape(expected)}$"):
             build(MIMO, mu=mu)
     for gamma, cap in ((10.5, 10.0), (3.0, 2.5), (-0.1, 10.0)):
         message = (
@@ -566,3 +564,15 @@ def test_test_metrics_and_predictions_follow_the_inference_rule(name: str) -> No
     torch.testing.assert_close(got, log_probs, atol=1e-5, rtol=1e-5)
     assert torch.equal(torch.cat([o["pred"] for o in out]), pred)  # type: ignore[index]
     assert torch.equal(torch.cat([o["target"] for o in out]), y)  # type: ignore[index]
+
+
+def test_mimo_weights_keep_float64_losses_in_float64() -> None:
+    # pi's rounding error grows like eps * L / mu: at mu = 1e-3 float32 was 1e-5 off
+    model = MIMO(
+        input_shapes={"a": [4], "b": [3]}, num_classes=3, embed_dim=5, head_hidden=None, mu=1e-3
+    ).double()
+    t = torch.tensor([0.0, 1.0, 1.0012345678], dtype=torch.float64, requires_grad=True)
+    model.total_loss({"fused": t[0], "a": t[1], "b": t[2]}).backward()
+    pi = torch.softmax(t[1:].detach() / 1e-3, 0)
+    torch.testing.assert_close(t.grad[1:], pi, rtol=1e-12, atol=0)
+    assert abs(float(pi[0]) - 0.22538295397274366) < 1e-12

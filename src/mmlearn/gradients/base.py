@@ -48,8 +48,9 @@ class Rule:
 
     def apply(self, rows: Tensor, weights: Tensor) -> Tensor:
         """The row that ``weights`` (as returned by :meth:`__call__`) give for ``rows``."""
-        w = weights if weights.dim() == rows.dim() else weights.unsqueeze(-1)
-        return (w.to(rows.dtype) * rows).sum(0)
+        if weights.dim() == 1:
+            return weights.to(rows.dtype) @ rows
+        return (weights.to(rows.dtype) * rows).sum(0)
 
     def coefficients(self, weights: Tensor) -> Tensor | None:
         """``c [n]`` with ``apply(rows, weights) == c @ rows`` for every ``rows``, or ``None``.

@@ -133,6 +133,7 @@ class MultimodalModule(pl.LightningModule):
                 f"{type(self).__name__}: clip_grad_norm={clip_grad_norm}; expected > 0 (or null)"
             )
         self.clip_grad_norm = clip_grad_norm
+        self._metrics_logged: set[str] = set()  # stages whose metrics this epoch has logged
         self.final_metrics, self.expert_metrics = stage_metrics(
             self.num_classes, self.modalities, self.has_experts, self.multilabel
         )
@@ -332,7 +333,13 @@ class MultimodalModule(pl.LightningModule):
         final = cast(MetricCollection, self.final_metrics[key(stage)])
         # multi-label metrics threshold probabilities (they would squash log-probs with a sigmoid)
         final.update(log_probs.exp() if self.multilabel else log_probs, batch.target)
-        self.log_dict(final, on_step=False, on_epoch=True, batch_size=batch.size, prog_bar=True)
+        # the Metric objects are logged once per epoch: Lightning keeps the reference and
+        # computes them at the epoch's end, and each self.log call costs ~0.7 ms of bookkeeping
+        # (a quarter of the framework's overhead per training step on 2 CPU cores)
+        register = stage not in self._metrics_logged
+        self._metrics_logged.add(stage)
+        if register:
+            self.log_dict(final, on_step=False, on_epoch=True, batch_size=batch.size, prog_bar=True)
         if self.has_experts:
             experts = cast(MetricCollection, self.expert_metrics[key(stage)])
             for m in self.modalities:
@@ -340,8 +347,18 @@ class MultimodalModule(pl.LightningModule):
                 # taken for probabilities and thresholded at 0.5); single-label: logits (argmax)
                 z = outputs[m]
                 experts[m].update(self.log_proba(z).exp() if self.multilabel else z, batch.target)
-            self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
+            if register:
+                self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
         return log_probs
+
+    def on_train_epoch_start(self) -> None:
+        self._metrics_logged.discard("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._metrics_logged.discard("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._metrics_logged.discard("test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

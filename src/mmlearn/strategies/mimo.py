@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,8 +47,10 @@ class MIMO(LateFusionHeads):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not mu > 0:
-            raise MMLearnError(f"MIMO: mu={mu}; expected > 0 (the smoothing temperature)")
+        if not 0 < mu < math.inf:
+            raise MMLearnError(
+                f"MIMO: mu={mu}; expected a finite mu > 0 (the smoothing temperature)"
+            )
         if not 0 <= gamma <= gamma_max:
             raise MMLearnError(
                 f"MIMO: gamma={gamma} with gamma_max={gamma_max}; expected 0 <= gamma <= "
@@ -60,7 +63,9 @@ class MIMO(LateFusionHeads):
 
     def modality_weights(self, losses: Mapping[str, Tensor]) -> Tensor:
         """``pi = softmax(L / mu)`` over the unimodal losses, ``[M]``, synced across ranks."""
-        uni = torch.stack([losses[m].detach().float() for m in self.modalities])
+        uni = torch.stack([losses[m].detach() for m in self.modalities])
+        # at least float32 (bf16 losses), float64 kept: pi's error grows like eps * L / mu
+        uni = uni.to(torch.promote_types(uni.dtype, torch.float32))
         return torch.softmax(step.sync_mean(uni) / self.mu, dim=0)
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
