@@ -116,6 +116,19 @@ def trainer(**kw: Any) -> pl.Trainer:
     )
 
 
+def fit_one_epoch_unmoved(model: Any) -> tuple[Any, list[MultimodalBatch], dict[str, Any]]:
+    """One epoch (batches of 24 and 16) of a model built with lr 0, refusing Lightning's batch-size
+    guesses: ``(a copy of the initial model, the batches, the callback metrics)``."""
+    replayed = copy.deepcopy(model)
+    data = make_data(n_train=40)
+    batches = first_batches(data)
+    fitted = trainer(max_epochs=1, max_steps=-1)
+    caught = fit_recording_warnings(fitted, model, data)
+    ambiguous = [w for w in caught if "infer the `batch_size`" in w]
+    assert not ambiguous, ambiguous[0]
+    return replayed, batches, dict(fitted.callback_metrics)
+
+
 def first_batches(data: SyntheticMultimodal) -> list[MultimodalBatch]:
     """The first epoch's batches in the order the Trainer sees them."""
     loader = data.train_dataloader()
@@ -704,14 +717,7 @@ def test_the_objectives_table_covers_every_registered_strategy() -> None:
 def test_every_strategy_logs_its_loss_each_objective_and_its_diagnostics(name: str) -> None:
     cls = STRATEGIES[name]
     model = build(cls, lr=0.0)
-    replayed = copy.deepcopy(model)
-    data = make_data(n_train=40)  # batches of 24 and 16
-    batches = first_batches(data)
-    fitted = trainer(max_epochs=1, max_steps=-1)
-    caught = fit_recording_warnings(fitted, model, data)
-    ambiguous = [w for w in caught if "infer the `batch_size`" in w]
-    assert not ambiguous, ambiguous[0]
-    metrics = fitted.callback_metrics
+    replayed, batches, metrics = fit_one_epoch_unmoved(model)  # batches of 24 and 16
     with torch.no_grad():  # lr 0: every step sees the initial weights
         per_batch = [OBJECTIVES[name](replayed, b.inputs, b.target) for b in batches]
     sizes = [b.size for b in batches]
@@ -1100,14 +1106,8 @@ def test_mimo_total_loss_is_f_with_the_surrogates_gradient_in_the_losses_dtype()
 def test_mimo_logs_per_step_scalars_whose_epoch_value_is_the_plain_mean() -> None:
     mu = 0.05
     model = build(MIMO, lr=0.0, mu=mu, gamma=0.5, gamma_power=1.0, gamma_max=5.0)
-    replayed = copy.deepcopy(model)
-    data = make_data(n_train=40)  # batches of 24 and 16: a size-weighted mean would differ
-    batches = first_batches(data)
-    fitted = trainer(max_epochs=1, max_steps=-1)
-    caught = fit_recording_warnings(fitted, model, data)
-    ambiguous = [w for w in caught if "infer the `batch_size`" in w]
-    assert not ambiguous, ambiguous[0]
-    metrics = fitted.callback_metrics
+    # batches of 24 and 16: a size-weighted mean would differ
+    replayed, batches, metrics = fit_one_epoch_unmoved(model)
     assert [b.size for b in batches] == [24, 16]
     pis, losses = [], []
     with torch.no_grad():

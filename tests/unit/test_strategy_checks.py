@@ -814,3 +814,53 @@ def test_i2m2_load_expert_errors(tmp_path: Path) -> None:
     torch.save({"state_dict": state}, other)
     with pytest.raises(RuntimeError, match="Unexpected key"):  # architectures must match exactly
         model.load_expert("joint", other)
+
+
+def test_epoch_metrics_are_logged_in_every_epoch_and_every_stage() -> None:
+    # Metric objects are registered with Lightning once per epoch and stage: each epoch must
+    # register them again, or its train/val values silently vanish from the logs
+    import lightning.pytorch as pl
+
+    from mmlearn.data import SyntheticMultimodal
+    from mmlearn.strategies import InterOnly
+
+    seen: list[set[str]] = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            seen.append(set(trainer.logged_metrics))
+
+    data = SyntheticMultimodal(
+        num_modalities=2,
+        dim=[3, 2],
+        num_classes=3,
+        n_train=24,
+        n_val=12,
+        n_test=12,
+        batch_size=12,
+        seed=0,
+    )
+    model = InterOnly(input_shapes=data.input_shapes, num_classes=3, embed_dim=4)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(model, datamodule=data)
+    assert len(seen) == 3
+    for keys in seen:
+        assert {"train/acc", "train/f1", "val/acc", "val/f1"} <= keys, keys
+    # Lightning computes and resets what is registered at each epoch's end: a metric left
+    # unregistered in a later epoch would keep accumulating over epochs
+    from mmlearn.metrics import key
+
+    for stage in ("train", "val"):
+        for name, metric in model.final_metrics[key(stage)].items():
+            assert metric._update_count == 0, (stage, name, metric._update_count)
+    trainer.test(model, datamodule=data, verbose=False)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert {"test/acc", "test/f1"} <= set(trainer.logged_metrics)

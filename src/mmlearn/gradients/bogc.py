@@ -97,7 +97,18 @@ def calibrate(
     # group can hold millions of entries
     w = e.add_(1.0 / n)
     w /= w.sum(0, keepdim=True)
-    return (w * mu).sum(0).mul_(n), w
+    return weighted_sum(mu, w).mul_(n), w
+
+
+def weighted_sum(mu: Tensor, w: Tensor) -> Tensor:
+    """``sum_k w_k mu_k`` ``[P]`` for per-dimension weights ``w [n, P]``, one pass per row.
+
+    (``(w * mu).sum(0)`` first writes the whole ``[n, P]`` product.)
+    """
+    g = torch.mul(w[0].to(mu.dtype), mu[0])
+    for k in range(1, mu.shape[0]):
+        g.addcmul_(w[k].to(mu.dtype), mu[k])
+    return g
 
 
 class BOGCCalibration(Rule):
@@ -134,7 +145,7 @@ class BOGCCalibration(Rule):
     def apply(self, rows: Tensor, weights: Tensor) -> Tensor:
         if rows.shape[0] == 1:
             return rows[0]
-        return rows.shape[0] * (weights.to(rows.dtype) * rows).sum(0)
+        return weighted_sum(rows, weights).mul_(rows.shape[0])
 
     def coefficients(self, weights: Tensor) -> Tensor | None:
         return weights if weights.dim() == 1 else None  # one objective: its row unchanged

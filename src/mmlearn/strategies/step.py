@@ -189,7 +189,10 @@ def _row_buffer(g: ParamGroup) -> Tensor:
     return torch.empty(len(g.objectives), g.numel, dtype=p.dtype, device=p.device)
 
 
-def _group_split(features: Mapping[str, Tensor] | None, groups: Sequence[ParamGroup]):  # type: ignore[no-untyped-def]
+def _group_split(
+    features: Mapping[str, Tensor] | None, groups: Sequence[ParamGroup]
+) -> tuple[Mapping[str, Tensor], list[ParamGroup], list[ParamGroup]]:
+    """``(features, groups behind a boundary feature, groups reached directly)``."""
     features = features or {}
     behind = [g for g in groups if g.boundary is not None and g.boundary in features]
     direct = [g for g in groups if all(g is not b for b in behind)]
