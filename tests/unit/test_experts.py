@@ -1,4 +1,4 @@
-"""Product-of-experts identities of IntraOnly and I2M2 on hand-made logits (docs/methods.md sections 2-3)."""
+"""Product-of-experts identities of IntraOnly and I2M2 on hand-made logits (docs/methods.md 2-3)."""
 
 from __future__ import annotations
 
