@@ -22,9 +22,11 @@ from torch import Tensor, nn
 
 from helpers import fit_recording_warnings  # noqa: I001  (tests/helpers.py)
 from mmlearn.batch import MultimodalBatch
+from mmlearn.data import SyntheticMultimodal
 from mmlearn.errors import MMLearnError
 from mmlearn.gradients import MGDA, BOGCCalibration, Sum
 from mmlearn.heads import all_present, make_head, product_of_experts
+from mmlearn.metrics import key
 from mmlearn.strategies import (
     BOGC,
     FUSED,
@@ -123,15 +125,16 @@ def make_batches(
 
 
 def trainer(**kw: object) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,  # type: ignore[arg-type]
-    )
+    """A quiet CPU Trainer (one epoch unless ``kw`` says otherwise)."""
+    options: dict[str, object] = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**(options | kw))  # type: ignore[arg-type]
 
 
 def cat(batches: Sequence[MultimodalBatch]) -> MultimodalBatch:
@@ -817,13 +820,8 @@ def test_i2m2_load_expert_errors(tmp_path: Path) -> None:
 
 
 def test_epoch_metrics_are_logged_in_every_epoch_and_every_stage() -> None:
-    # Metric objects are registered with Lightning once per epoch and stage: each epoch must
-    # register them again, or its train/val values silently vanish from the logs
-    import lightning.pytorch as pl
-
-    from mmlearn.data import SyntheticMultimodal
-    from mmlearn.strategies import InterOnly
-
+    # Metric objects are registered with Lightning once per epoch and stage: a validation or
+    # test run that did not register them again would log no value for them
     seen: list[set[str]] = []
 
     class Record(pl.Callback):
@@ -841,26 +839,16 @@ def test_epoch_metrics_are_logged_in_every_epoch_and_every_stage() -> None:
         seed=0,
     )
     model = InterOnly(input_shapes=data.input_shapes, num_classes=3, embed_dim=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Record()],
-    )
-    trainer.fit(model, datamodule=data)
+    fitted = trainer(max_epochs=3, callbacks=[Record()])
+    fitted.fit(model, datamodule=data)
     assert len(seen) == 3
     for keys in seen:
         assert {"train/acc", "train/f1", "val/acc", "val/f1"} <= keys, keys
-    # Lightning computes and resets what is registered at each epoch's end: a metric left
-    # unregistered in a later epoch would keep accumulating over epochs
-    from mmlearn.metrics import key
-
+    # Lightning computes and resets what is registered at each epoch's end: a validation metric
+    # left unregistered would keep accumulating over runs
     for stage in ("train", "val"):
         for name, metric in model.final_metrics[key(stage)].items():
             assert metric._update_count == 0, (stage, name, metric._update_count)
-    trainer.test(model, datamodule=data, verbose=False)
-    trainer.test(model, datamodule=data, verbose=False)
-    assert {"test/acc", "test/f1"} <= set(trainer.logged_metrics)
+    fitted.test(model, datamodule=data, verbose=False)
+    fitted.test(model, datamodule=data, verbose=False)
+    assert {"test/acc", "test/f1"} <= set(fitted.logged_metrics)

@@ -146,6 +146,3 @@ class BOGCCalibration(Rule):
         if rows.shape[0] == 1:
             return rows[0]
         return weighted_sum(rows, weights).mul_(rows.shape[0])
-
-    def coefficients(self, weights: Tensor) -> Tensor | None:
-        return weights if weights.dim() == 1 else None  # one objective: its row unchanged
