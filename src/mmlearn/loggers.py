@@ -19,6 +19,8 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from mmlearn.run_folder import DEFAULT_ROOT
+
 
 class AppendingWriter(ExperimentWriter):
     """Experiment writer that keeps an existing ``metrics.csv`` and appends to it."""
@@ -30,7 +32,29 @@ class AppendingWriter(ExperimentWriter):
 
 
 class CSVLogger(_LightningCSVLogger):
-    """``lightning.pytorch.loggers.CSVLogger`` whose metrics file survives a reused run folder."""
+    """``lightning.pytorch.loggers.CSVLogger`` whose metrics file survives a reused run folder.
+
+    Args:
+        save_dir: parent of the run folder; ``None`` (default): ``trainer.default_root_dir``,
+            filled in by the CLI (``runs`` when the logger is built by hand).
+        name, version, prefix, flush_logs_every_n_steps: as in Lightning's ``CSVLogger``.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 100,
+    ) -> None:
+        super().__init__(
+            save_dir or DEFAULT_ROOT,
+            name=name,
+            version=version,
+            prefix=prefix,
+            flush_logs_every_n_steps=flush_logs_every_n_steps,
+        )
 
     @property
     @rank_zero_experiment
@@ -72,13 +96,14 @@ class WandbLogger(_LightningWandbLogger):
 
     Args:
         project: W&B project (``$WANDB_PROJECT`` when set, else ``mmlearn``).
-        save_dir: parent folder of the local ``wandb/`` run files.
+        save_dir: parent folder of the local ``wandb/`` run files; ``None`` (default):
+            ``trainer.default_root_dir``, filled in by the CLI (``runs`` when built by hand).
     """
 
     def __init__(
         self,
         name: str | None = None,
-        save_dir: str = "runs",
+        save_dir: str | None = None,
         project: str | None = None,
         entity: str | None = None,
         group: str | None = None,
@@ -93,6 +118,7 @@ class WandbLogger(_LightningWandbLogger):
         if offline is None:
             mode = os.environ.get("WANDB_MODE")
             offline = mode in ("offline", "dryrun") if mode else not wandb_credentials()
+        save_dir = save_dir or DEFAULT_ROOT
         os.makedirs(save_dir, exist_ok=True)  # wandb falls back to a temp dir when it is missing
         super().__init__(
             name=name,

@@ -12,7 +12,23 @@ from mmlearn.data.mimic import MIMIC
 from mmlearn.data.synthetic import SyntheticMultimodal
 from mmlearn.data.table import TableDataModule
 
+#: every DataModule by the name ``--data <Name>`` takes; the CLI's checks and the tests use it
+DATA_MODULES: dict[str, type[MultimodalDataModule]] = {
+    cls.__name__: cls
+    for cls in (
+        MultipleFeatures,
+        FashionMNISTViews,
+        AVMNIST,
+        AudioVisualClips,
+        ImageText,
+        MIMIC,
+        SyntheticMultimodal,
+        TableDataModule,
+    )
+}
+
 __all__ = [
+    "DATA_MODULES",
     "ImageText",
     "MIMIC",
     "AudioVisualClips",

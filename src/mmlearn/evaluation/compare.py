@@ -29,6 +29,7 @@ import yaml
 
 from mmlearn.errors import MMLearnError
 from mmlearn.evaluation.report import Row, markdown_table, plot, summarise, write_csv
+from mmlearn.lightning_cli import build_cli
 
 METRICS = ("test/acc", "test/f1")
 WANDB_DEFAULTS = {"project": "mmlearn"}
@@ -53,8 +54,6 @@ def run_one(
 ) -> Row:
     """Fit ``config`` with ``seed``, test its best checkpoint, return the row of the table."""
     from lightning.pytorch.loggers import WandbLogger
-
-    from mmlearn.cli import build_cli
 
     name = Path(config).stem
     args = [
