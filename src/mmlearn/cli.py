@@ -39,9 +39,15 @@ CHOICES: dict[str, tuple[Mapping[str, type], type, str]] = {
 }
 
 
-def _resolve(value: str) -> object:
-    """A ``--model``/``--data`` value read as jsonargparse reads it: a file, YAML, or a name."""
-    path = Path(value)
+def _resolve(value: object, base: Path | None = None) -> object:
+    """A ``--model``/``--data`` value read as jsonargparse reads it: a file, YAML, or a name.
+
+    A relative file name is relative to ``base`` (the config file's folder) when given, else to
+    the working directory.
+    """
+    if not isinstance(value, str):
+        return value
+    path = Path(value) if base is None else base / value
     try:
         if path.is_file():
             return yaml.safe_load(path.read_text())
@@ -69,7 +75,7 @@ def _check_choice(value: object, key: str, origin: str) -> None:
         module, attr = class_path.rsplit(".", 1)
         try:
             cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError, TypeError, ValueError):
             cls = None
         if isinstance(cls, type) and issubclass(cls, base):
             return
@@ -91,7 +97,8 @@ def check_choices(args: Sequence[str]) -> None:
         if isinstance(cfg, Mapping):
             for k in CHOICES:
                 if k in cfg:
-                    _check_choice(cfg[k], k, origin=f"{value}, key {k!r}")
+                    choice = _resolve(cfg[k], base=Path(value).parent)
+                    _check_choice(choice, k, origin=f"{value}, key {k!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

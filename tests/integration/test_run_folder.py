@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mmlearn.cli import CHOICES, build_cli, main
+from mmlearn.cli import CHOICES, build_cli, check_choices, main
 from mmlearn.data import DATA_MODULES
+from mmlearn.errors import MMLearnError
 from mmlearn.run_folder import DEFAULT_MAX_EPOCHS
 from mmlearn.strategies import STRATEGIES
 
@@ -104,3 +105,17 @@ def test_the_cli_chooses_from_the_registries_the_tests_use() -> None:
     assert CHOICES["model"][0] is STRATEGIES and CHOICES["data"][0] is DATA_MODULES
     for name, cls in DATA_MODULES.items():
         assert cls.__name__ == name and not getattr(cls, "__abstractmethods__", None)
+
+
+def test_choices_inside_a_config_are_read_relative_to_it(tmp_path: Path) -> None:
+    """``data: ../x.yaml`` in a config is a file beside it, as jsonargparse reads it."""
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "data.yaml").write_text("class_path: SyntheticMultimodal\n")
+    (tmp_path / "bad.yaml").write_text("class_path: mmlearn.strategies.Fusionator\n")
+    good = tmp_path / "exp" / "good.yaml"
+    good.write_text("model: InterOnly\ndata: ../data.yaml\n")
+    check_choices(["fit", "--config", str(good)])  # nothing raised
+    bad = tmp_path / "exp" / "bad.yaml"
+    bad.write_text("model: ../bad.yaml\ndata: ../data.yaml\n")
+    with pytest.raises(MMLearnError, match=rf"'mmlearn.strategies.Fusionator' \(from {bad}"):
+        check_choices(["fit", f"--config={bad}"])
