@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require  # noqa: I001  (tests/helpers.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,11 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 def mfeat_root() -> Path:
     """The prepared UCI Multiple Features folder (``make test`` prepares it first)."""
     root = Path(os.environ.get("MMLEARN_DATA", REPO / "data"))
-    if not (root / "mfeat" / "mfeat-fou").is_file():
-        msg = f"mfeat is not prepared under {root}: run `make data` (mmlearn prepare mfeat)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require(
+        (root / "mfeat" / "mfeat-fou").is_file(),
+        f"mfeat is not prepared under {root}: run `make data` (mmlearn prepare mfeat)",
+    )
     return root
 
 
@@ -29,11 +30,10 @@ def fashion_dir() -> Path:
     """Debian's Fashion-MNIST (``apt-get install dataset-fashion-mnist``; ``.ci/run`` does)."""
     from mmlearn.data.fashion import SYSTEM_DIR
 
-    if not (SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file():
-        msg = f"no Fashion-MNIST in {SYSTEM_DIR} (apt-get install dataset-fashion-mnist)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require(
+        (SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),
+        f"no Fashion-MNIST in {SYSTEM_DIR} (apt-get install dataset-fashion-mnist)",
+    )
     return SYSTEM_DIR
 
 

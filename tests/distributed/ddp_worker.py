@@ -5,8 +5,9 @@
 Rank r of W takes samples ``[i*W*B + r*B, i*W*B + (r+1)*B)`` of global batch i, so the union of
 the ranks' batches at a step is exactly the single-process batch of size W*B at that step.
 
-A case is a strategy with its options (:data:`CASES`: every registered strategy with its
-defaults, then the variants: rules, moments estimators, ``every``), on vector data or, for
+A case is a strategy with its options (:data:`CASES`: every strategy of ``tests/helpers.py``,
+i.e. each registered one with its defaults and the variants the CLI tests run, then the variants
+of every rule scope, moments estimator and ``every``), on vector data or, for
 :data:`BN_CASES`, with a BatchNorm encoder on an image modality. :data:`WRONG` are deliberately
 wrong variants (a rule on rank-local statistics) that the test must tell apart from single-process
 training. A case that raises writes ``OUT/CASE/error-rank{r}.txt`` and the worker goes on.
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import traceback
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -31,13 +32,13 @@ from torch.utils.data import DataLoader, Sampler
 from mmlearn.batch import collate_multimodal
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.data.base import Split, SplitDataset
-from mmlearn.gradients import MGDA
-from mmlearn.strategies import MIMO, STRATEGIES, EMAMoments, LastLayer, Microbatch
+from mmlearn.strategies import MIMO, STRATEGIES
 from mmlearn.strategies.step import ManualStep
 
-warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers (as a script)
+from helpers import STRATEGY_OPTIONS, VARIANTS, Options, instantiate, spec  # noqa: E402
 
-Options = Callable[[], dict[str, Any]]
+warnings.filterwarnings("ignore")
 
 
 class RankLocalStep(ManualStep):
@@ -71,20 +72,32 @@ class RankLocalMIMO(MIMO):
         return torch.softmax(uni / self.mu, dim=0)
 
 
-#: id -> (registered strategy, options factory); every registered strategy with its defaults
-#: (BOGC: EMAMoments; MultiObjective: Sum with BatchRows), then the variants
-CASES: dict[str, tuple[str, Options]] = {name: (name, dict) for name in STRATEGIES} | {
-    "MGDA": ("MultiObjective", lambda: {"rule": MGDA()}),  # scope="global"
-    "MGDA-per_group": ("MultiObjective", lambda: {"rule": MGDA(scope="per_group")}),
-    "MGDA-every2": ("MultiObjective", lambda: {"rule": MGDA(), "every": 2}),
-    "MGDA-microbatch2": ("MultiObjective", lambda: {"rule": MGDA(), "moments": Microbatch(2)}),
-    "Sum-ema": ("MultiObjective", lambda: {"moments": EMAMoments(beta=0.5)}),
-    "BOGC-microbatch4": ("BOGC", lambda: {"moments": Microbatch(n_chunks=4)}),
-    "BOGC-microbatch2": ("BOGC", lambda: {"moments": Microbatch(n_chunks=2)}),  # 1 chunk a rank
-    "BOGC-last_layer": ("BOGC", lambda: {"moments": LastLayer()}),
-    "BOGC-every2": ("BOGC", lambda: {"every": 2}),
+MGDA_OPTIONS = VARIANTS["MGDA"][1]  # MultiObjective with MGDA (scope="global")
+MICROBATCH = "mmlearn.strategies.Microbatch"
+#: id -> (registered strategy, options as a config writes them): every strategy of the tests
+#: (each registered one with its defaults, BOGC: EMAMoments, MultiObjective: Sum with BatchRows;
+#: then MGDA), then the variants of every rule scope, moments estimator and ``every``
+CASES: dict[str, tuple[str, Options]] = STRATEGY_OPTIONS | {
+    "MGDA-per_group": (
+        "MultiObjective",
+        {"rule": spec("mmlearn.gradients.MGDA", scope="per_group")},
+    ),
+    "MGDA-every2": ("MultiObjective", {**MGDA_OPTIONS, "every": 2}),
+    "MGDA-microbatch2": (
+        "MultiObjective",
+        {**MGDA_OPTIONS, "moments": spec(MICROBATCH, n_chunks=2)},
+    ),
+    "Sum-ema": ("MultiObjective", {"moments": spec("mmlearn.strategies.EMAMoments", beta=0.5)}),
+    "BOGC-microbatch4": ("BOGC", {"moments": spec(MICROBATCH, n_chunks=4)}),
+    "BOGC-microbatch2": ("BOGC", {"moments": spec(MICROBATCH, n_chunks=2)}),  # 1 chunk a rank
+    "BOGC-last_layer": ("BOGC", {"moments": spec("mmlearn.strategies.LastLayer")}),
+    "BOGC-every2": ("BOGC", {"every": 2}),
 }
-#: the same strategies with a BatchNorm encoder (a tiny resnet18) on an image-shaped modality
+#: cases with a BatchNorm encoder (a tiny resnet18) on an image-shaped modality. A sample on
+#: purpose, not every case: the BatchNorm synchronisation is the base module's, the same for every
+#: strategy, and these cover automatic optimisation with one objective (InterOnly) and with
+#: unimodal heads (LateFusionHeads), and the manual step with a rule (MGDA) and with EMA moments
+#: (BOGC); Microbatch refuses BatchNorm. The test checks both optimisation modes are covered.
 BN_CASES: dict[str, str] = {
     "InterOnly-bn": "InterOnly",
     "LateFusionHeads-bn": "LateFusionHeads",
@@ -93,7 +106,9 @@ BN_CASES: dict[str, str] = {
 }
 RESNET = {"name": "resnet18", "width": 4, "blocks": [1, 1]}
 #: wrong variant -> the case whose single-process result it must NOT reproduce (Sum: a control
-#: that must reproduce it, as the rank-local mean of a linear rule is the right gradient)
+#: that must reproduce it, as the rank-local mean of a linear rule is the right gradient). One
+#: per place where statistics are reduced over the ranks: the manual step's rows (RankLocalStep:
+#: two non-linear rules, and the control) and MIMO's modality weights (RankLocalMIMO)
 WRONG: dict[str, str] = {
     "MGDA-local": "MGDA",
     "BOGC-local": "BOGC",
@@ -157,7 +172,7 @@ def build(case: str, data: ShardedSynthetic) -> pl.LightningModule:
         head_hidden=16,
         encoders=encoders,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
-        **options(),
+        **instantiate(options),
     )
     if wrong and name != "MIMO":
         model.gradient_step = RankLocalStep()

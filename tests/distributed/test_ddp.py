@@ -23,6 +23,7 @@ import pytest
 import torch
 from ddp_worker import BN_CASES, CASES, WRONG, ShardedSynthetic, build
 
+from helpers import STRATEGY_OPTIONS
 from mmlearn.gradients import MGDA
 from mmlearn.strategies import STRATEGIES, Microbatch, MultiObjective
 
@@ -87,6 +88,7 @@ def _check_equal(runs: Path, case: str) -> None:
 
 def test_the_cases_cover_every_strategy_estimator_scope_and_every() -> None:
     assert set(STRATEGIES) <= set(CASES)  # a newly registered strategy is covered by default
+    assert set(STRATEGY_OPTIONS) <= set(CASES)  # and so is every variant the CLI tests run
     data = ShardedSynthetic(16, 0, 1, num_modalities=3, dim=[6, 5, 4], num_classes=3)
     models = [build(case, data) for case in CASES]
     manual = [m for m in models if isinstance(m, MultiObjective)]
@@ -100,6 +102,9 @@ def test_the_cases_cover_every_strategy_estimator_scope_and_every() -> None:
     assert {m.rule.scope for m in manual if isinstance(m.rule, MGDA)} == {"global", "per_group"}
     assert {type(m.rule).__name__ for m in manual if m.every == 2} == {"MGDA", "BOGCCalibration"}
     assert set(BN_CASES.values()) <= set(CASES) and set(WRONG.values()) <= set(CASES)
+    # the BatchNorm sample covers both automatic optimisation and the manual gradient step
+    images = ShardedSynthetic(16, 0, 1, image=True, num_modalities=2, dim=[64, 5], num_classes=3)
+    assert {build(case, images).automatic_optimization for case in BN_CASES} == {True, False}
 
 
 @pytest.mark.parametrize("case", CASES)

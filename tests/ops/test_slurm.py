@@ -21,6 +21,7 @@ import pytest
 import torch
 from slurm_cluster import local_slurm, missing  # tests/ops is on sys.path
 
+from helpers import require  # noqa: I001  (tests/helpers.py)
 from mmlearn.cli import build_cli, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,10 +32,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 @pytest.fixture(scope="session")
 def slurm_env() -> Iterator[dict[str, str]]:
     why = missing()
-    if why is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests: {why}")
-        pytest.skip(why)
+    require(why is None, f"no local Slurm for the Slurm tests: {why}")
     # not under pytest's tmp: munged needs every parent folder searchable by the munge user
     root = Path(tempfile.mkdtemp(prefix="mmlearn-slurm-"))
     root.chmod(0o755)

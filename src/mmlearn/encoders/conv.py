@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, register_encoder
+from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
 
 
 @register_encoder("cnn")
@@ -25,6 +25,10 @@ class LeNetEncoder(Encoder):
     """
 
     ranks = (3,)
+
+    @classmethod
+    def example(cls) -> EncoderExample:
+        return EncoderExample([1, 16, 15], {"channels": [4, 8]})  # odd sizes, as mfeat's digits
 
     def __init__(
         self,

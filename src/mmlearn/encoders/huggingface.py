@@ -14,8 +14,19 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, register_encoder
+from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
 from mmlearn.errors import MMLearnError
+
+#: a tiny randomly initialised BERT (``config=TINY_BERT``): quick, and nothing to download
+TINY_BERT: dict[str, Any] = {
+    "model_type": "bert",
+    "vocab_size": 50,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+}
 
 
 def minilm_path() -> Path:
@@ -47,6 +58,16 @@ class HFEncoder(Encoder):
     """
 
     ranks = (1,)
+
+    @classmethod
+    def example(cls) -> EncoderExample:
+        # attention key biases shift all of a query's scores equally: softmax ignores them
+        return EncoderExample.tokens(
+            9,
+            TINY_BERT["vocab_size"],
+            options={"config": TINY_BERT},
+            inert_parameters=(".attention.self.key.bias",),
+        )
 
     def __init__(
         self,

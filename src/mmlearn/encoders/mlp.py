@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, register_encoder
+from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
 
 
 def mlp_layers(dims: Sequence[int], dropout: float = 0.0) -> list[nn.Module]:
@@ -31,6 +31,10 @@ class MLPEncoder(Encoder):
     """
 
     ranks = (1, 2, 3)
+
+    @classmethod
+    def example(cls) -> EncoderExample:
+        return EncoderExample([12], {"hidden": [32]})
 
     def __init__(
         self,

@@ -1,29 +1,87 @@
 """The encoder registry: a name -> class table and the one function that builds encoders.
 
 An encoder maps ``[B, *input_shape]`` to features ``[B, out_dim]``. Adding one is a new file with a
-class decorated by :func:`register_encoder`; the contract test in ``tests/unit`` picks it up.
+class decorated by :func:`register_encoder` that defines :meth:`Encoder.example`; the contract test
+in ``tests/unit`` builds every registered encoder from its example, so it picks a new one up.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
+
+
+@dataclass(frozen=True)
+class EncoderExample:
+    """A small input shape and options that an encoder is built from in its contract test.
+
+    Args:
+        input_shape: shape of one sample, without the batch dimension.
+        options: keyword options of the encoder (small sizes, so the test is quick; nothing may
+            be downloaded).
+        make_batch: ``B -> [B, *input_shape]`` tensor of inputs; ``None`` draws standard normal
+            floats. Token encoders draw non-padding ids (see :meth:`tokens`).
+        inert_parameters: suffixes of parameter names that cannot move the output by design
+            (e.g. an attention key bias: it shifts all of a query's scores equally, and softmax
+            is invariant to that); the test that every parameter moves the output skips them.
+    """
+
+    input_shape: list[int]
+    options: dict[str, Any] = field(default_factory=dict)
+    make_batch: Callable[[int], Tensor] | None = None
+    inert_parameters: tuple[str, ...] = ()
+
+    @classmethod
+    def tokens(cls, length: int, vocab_size: int, **kwargs: Any) -> EncoderExample:
+        """Token ids ``[B, length]`` drawn from ``1 .. vocab_size - 1`` (0 is padding)."""
+        return cls(
+            [length], make_batch=lambda b: torch.randint(1, vocab_size, (b, length)), **kwargs
+        )
+
+    def batch(self, b: int) -> Tensor:
+        """``b`` example inputs, ``[b, *input_shape]``."""
+        if self.make_batch is not None:
+            return self.make_batch(b)
+        return torch.randn(b, *self.input_shape)
 
 
 class Encoder(nn.Module):
     """Base class: ``forward(x: [B, *input_shape]) -> [B, out_dim]``.
 
-    Subclasses set ``ranks`` (the accepted ``len(input_shape)``) and take ``input_shape`` and
-    ``out_dim`` as their first two constructor arguments.
+    Subclasses set ``ranks`` (the accepted ``len(input_shape)``), take ``input_shape`` and
+    ``out_dim`` as their first two constructor arguments, and override :meth:`example` with a
+    small :class:`EncoderExample`: the input shape, options and batch maker of their contract test
+    (``tests/unit/test_encoders.py`` builds ``cls(example.input_shape, out_dim,
+    **example.options)`` for every registered encoder and fails for one without an example).
+    For instance::
+
+        @register_encoder("mlp")
+        class MLPEncoder(Encoder):
+            ranks = (1, 2, 3)
+
+            @classmethod
+            def example(cls) -> EncoderExample:
+                return EncoderExample([12], {"hidden": [32]})
     """
 
     ranks: ClassVar[tuple[int, ...]] = ()
     out_dim: int
+
+    @classmethod
+    def example(cls) -> EncoderExample:
+        """A small input and options to build and run this encoder with (override it)."""
+        raise NotImplementedError(
+            f"encoder {cls.__qualname__} has no example: override the classmethod "
+            f"`example(cls) -> EncoderExample` (mmlearn.encoders.registry) with a small input "
+            f"shape and options, so that the encoder contract test can build and run it"
+        )
 
 
 ENCODERS: dict[str, type[Encoder]] = {}

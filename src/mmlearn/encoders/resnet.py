@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, register_encoder
+from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
 
 
 class BasicBlock(nn.Module):
@@ -53,6 +53,10 @@ class ResNet18(Encoder):
     """
 
     ranks = (3, 4)
+
+    @classmethod
+    def example(cls) -> EncoderExample:
+        return EncoderExample([2, 3, 20, 20], {"width": 4})  # two frames, narrow
 
     def __init__(
         self,

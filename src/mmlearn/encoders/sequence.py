@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, register_encoder
+from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
 
 
 @register_encoder("gru")
@@ -24,6 +24,10 @@ class GRUEncoder(Encoder):
     """
 
     ranks = (2,)
+
+    @classmethod
+    def example(cls) -> EncoderExample:
+        return EncoderExample([7, 5], {"hidden": 8, "num_layers": 2, "bidirectional": True})
 
     def __init__(
         self,
