@@ -202,3 +202,68 @@ def ds_weights_exact(var: Tensor, eps_rel: float = 1e-3, e_max: float = 1e3) -> 
         for i in range(n):
             out[i, j] = float(b[i] + u / n)
     return out
+
+
+# ---- products of separately calibrated experts, with the prior divided out ---------------------
+def _present_matrix(
+    names: list[str], n: int, present: Mapping[str, np.ndarray] | None
+) -> np.ndarray:
+    """Bool ``[M, N]``: expert m is present for sample i (all present where not given)."""
+    rows = []
+    for m in names:
+        given = None if present is None else present.get(m)
+        rows.append(np.ones(n, dtype=bool) if given is None else np.asarray(given, dtype=bool))
+    return np.stack(rows)
+
+
+def prior_divided_product(
+    probs: Mapping[str, np.ndarray],
+    prior: np.ndarray,
+    present: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """``p(y|x) ∝ prod_{m in S_i} p_m(y|x_m) / p(y)^(|S_i| - 1)`` ``[N, K]``, in float64.
+
+    ``probs``: expert -> posteriors ``[N, K]`` (rows sum to 1); ``prior``: ``p(y)`` ``[K]``;
+    ``S_i``: the experts present for sample i. Formed as a plain product of probabilities (no
+    logs), then normalised per sample; a sample with no expert present gets the prior.
+    """
+    names = list(probs)
+    n, k = next(iter(probs.values())).shape
+    keep = _present_matrix(names, n, present)
+    p = np.asarray(prior, dtype=np.float64)
+    out = np.empty((n, k))
+    for i in range(n):
+        s = [m for j, m in enumerate(names) if keep[j, i]]
+        num = np.ones(k)
+        for m in s:
+            num = num * np.asarray(probs[m][i], dtype=np.float64)
+        num = num / p ** (len(s) - 1)
+        out[i] = num / num.sum()
+    return out
+
+
+def prior_divided_bernoulli(
+    probs: Mapping[str, np.ndarray],
+    rates: np.ndarray,
+    present: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Per label k: ``p(on|x) ∝ prod_{m in S} q_mk / r_k^(|S|-1)`` against
+    ``p(off|x) ∝ prod_{m in S} (1 - q_mk) / (1 - r_k)^(|S|-1)``, normalised over {on, off}.
+
+    ``probs``: expert -> ``q_m = p_m(label on | x_m)`` ``[N, K]``; ``rates``: the labels' prior
+    positive rates ``[K]``. Returns ``p(on|x)`` ``[N, K]`` in float64.
+    """
+    names = list(probs)
+    n, k = next(iter(probs.values())).shape
+    keep = _present_matrix(names, n, present)
+    r = np.asarray(rates, dtype=np.float64)
+    out = np.empty((n, k))
+    for i in range(n):
+        s = [m for j, m in enumerate(names) if keep[j, i]]
+        on, off = np.ones(k), np.ones(k)
+        for m in s:
+            q = np.asarray(probs[m][i], dtype=np.float64)
+            on, off = on * q, off * (1 - q)
+        on, off = on / r ** (len(s) - 1), off / (1 - r) ** (len(s) - 1)
+        out[i] = on / (on + off)
+    return out

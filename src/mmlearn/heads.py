@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmlearn.errors import MMLearnError
+from mmlearn.likelihood import likelihood
 
 
-def make_head(in_dim: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0):
+def make_head(
+    in_dim: int, num_classes: int, hidden: int | None = None, dropout: float = 0.0
+) -> nn.Module:
     """``Linear(in_dim, K)``, or ``Linear -> ReLU -> Dropout -> Linear`` when ``hidden`` is set.
 
     A hidden layer after a concat fusion is what lets a joint model represent interactions across
@@ -39,29 +40,19 @@ def product_of_experts(
     """Normalised product of experts: ``log p(y|x) = lsm(sum_k lsm(z_k))``.
 
     Each expert's log-posterior ``lsm(z_k)`` is summed and the sum renormalised, which equals
-    ``lsm(sum_k z_k)`` (I2M2, Madaan et al., NeurIPS 2024, eq. for the combined posterior).
+    ``lsm(sum_k z_k)`` (I2M2, Madaan et al., NeurIPS 2024, eq. for the combined posterior). The
+    rule itself is :meth:`mmlearn.likelihood.Likelihood.product_of_experts`, which can also
+    divide out the class prior.
 
     Args:
         logits: expert name -> logits ``[B, K]``.
         present: expert name -> bool ``[B]`` (or ``None``); an absent expert's term is dropped for
             that sample, and the result is still a normalised distribution. A sample with no expert
             present gets the uniform distribution.
-
         multilabel: K independent labels: the product of Bernoulli experts, renormalised per
             label, has logit ``sum_k z_k``; returns ``log sigmoid(sum_k z_k)`` (log p(present)).
 
     Returns:
         log-probabilities ``[B, K]``.
     """
-    total: Tensor | None = None
-    for name, z in logits.items():
-        term = z.float() if multilabel else F.log_softmax(z.float(), dim=-1)
-        mask = None if present is None else present.get(name)
-        if mask is not None:
-            term = term * mask.to(term.dtype).unsqueeze(-1)
-        total = term if total is None else total + term
-    if total is None:
-        raise MMLearnError("product_of_experts needs at least one expert")
-    if multilabel:
-        return F.logsigmoid(total)
-    return total - torch.logsumexp(total, dim=-1, keepdim=True)
+    return likelihood(multilabel).product_of_experts(logits, present)

@@ -6,31 +6,27 @@ from collections.abc import Sequence
 
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassF1Score,
-    MultilabelAccuracy,
-    MultilabelF1Score,
-)
+
+from mmlearn.likelihood import likelihood
 
 STAGES = ("train", "val", "test")
 
 
 def _acc(num_classes: int, multilabel: bool) -> Metric:
     # multi-label: the share of (sample, label) decisions right at p > 0.5
-    if multilabel:
-        return MultilabelAccuracy(num_classes, average="micro")
-    return MulticlassAccuracy(num_classes, average="micro")
+    return likelihood(multilabel).accuracy(num_classes)
 
 
 def final_metrics(num_classes: int, stage: str, multilabel: bool = False) -> MetricCollection:
-    """Accuracy (micro) and macro-F1 of the strategy's final prediction."""
-    f1: Metric = (
-        MultilabelF1Score(num_classes, average="macro")
-        if multilabel
-        else MulticlassF1Score(num_classes, average="macro")
+    """Accuracy (micro) and macro-F1 of the strategy's final prediction.
+
+    Fed :meth:`~mmlearn.likelihood.Likelihood.metric_input` of the log-probabilities ``[B, K]``
+    and the targets (class indices ``[B]``, or multi-hot ``[B, K]`` when ``multilabel``).
+    """
+    lik = likelihood(multilabel)
+    return MetricCollection(
+        {"acc": lik.accuracy(num_classes), "f1": lik.f1(num_classes)}, prefix=f"{stage}/"
     )
-    return MetricCollection({"acc": _acc(num_classes, multilabel), "f1": f1}, prefix=f"{stage}/")
 
 
 def expert_metrics(

@@ -1,13 +1,24 @@
-"""Product-of-experts identities of IntraOnly and I2M2 on hand-made logits (docs/methods.md 2-3)."""
+"""Product-of-experts identities of IntraOnly and I2M2 on hand-made logits (docs/methods.md 2-3).
+
+Including IntraOnly's independent mode, whose separately calibrated experts have the class prior
+divided out of their product, compared with the formula written out in tests/reference.py.
+"""
 
 from __future__ import annotations
 
+import functools
+
+import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmlearn.data.base import MultimodalDataModule, Split
+from mmlearn.errors import MMLearnError
 from mmlearn.heads import product_of_experts
 from mmlearn.strategies import FUSED, I2M2, InterOnly, IntraOnly
+from reference import expert_logits, prior_divided_bernoulli, prior_divided_product  # noqa: I001
 
 SHAPES = {"a": [4], "b": [3], "c": [5]}
 
@@ -111,3 +122,187 @@ def test_multilabel_nll_is_binary_cross_entropy() -> None:
     torch.testing.assert_close(model.loss(z, t), expected)
     torch.testing.assert_close(model.nll(model.log_proba(z), t), expected, atol=1e-5, rtol=1e-5)
     assert model.predicted(model.log_proba(z)).tolist() == [[0, 0, 1, 1], [1, 0, 1, 0]]
+
+
+# ---- IntraOnly(mode="independent"): the prior counted once (docs/methods.md section 2) ---------
+TWO = {"a": [4], "b": [3]}
+
+
+class _Frequencies(MultimodalDataModule):
+    """Two modalities; train targets with set class frequencies, val/test with other ones."""
+
+    def __init__(self, train: torch.Tensor, k: int, multilabel: bool = False) -> None:
+        super().__init__(batch_size=8)
+        self.train, self.k, self._multilabel = train, k, multilabel
+
+    @property
+    def num_classes(self) -> int:
+        return self.k
+
+    @property
+    def multilabel(self) -> bool:
+        return self._multilabel
+
+    def load_splits(self) -> dict[str, Split]:
+        g = torch.Generator().manual_seed(0)
+
+        def split(target: torch.Tensor) -> Split:
+            n = len(target)
+            return Split({m: torch.randn(n, *s, generator=g) for m, s in TWO.items()}, target)
+
+        other = torch.roll(self.train, 3, 0)[:7].flip(0)
+        return {"train": split(self.train), "val": split(other), "test": split(other)}
+
+
+def _quiet_trainer(**kw: object) -> pl.Trainer:
+    options: dict[str, object] = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**(options | kw))  # type: ignore[arg-type]
+
+
+def _softmax(logits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {m: F.softmax(z.double(), -1).numpy() for m, z in logits.items()}
+
+
+def test_independent_uninformative_experts_give_back_the_prior() -> None:
+    model = IntraOnly(
+        mode="independent", input_shapes=TWO, num_classes=2, class_frequencies=[0.1, 0.9]
+    )
+    z = torch.tensor([0.1, 0.9]).log().expand(5, 2)  # each expert's posterior is the prior
+    got = model.predict_log_proba({"a": z, "b": z}).exp()
+    # the plain product gives 0.01 / (0.01 + 0.81) = 0.012 for the first class
+    torch.testing.assert_close(got, torch.tensor([[0.1, 0.9]]).expand(5, 2))
+
+
+def test_independent_product_divides_the_prior_by_formula() -> None:
+    g = torch.Generator().manual_seed(5)
+    logits = {m: torch.randn(9, 4, generator=g) * 2 for m in SHAPES}
+    prior = np.array([0.05, 0.15, 0.3, 0.5])
+    model = IntraOnly(
+        mode="independent", input_shapes=SHAPES, num_classes=4, class_frequencies=prior.tolist()
+    )
+    expected = prior_divided_product(_softmax(logits), prior)
+    got = model.predict_log_proba(logits).exp().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    # a missing modality drops its expert AND one factor of the prior
+    present = {
+        "a": torch.tensor([True, False, True, True, False, False, True, True, False]),
+        "b": torch.tensor([True, True, False, True, False, True, False, True, False]),
+        "c": torch.tensor([True, True, True, False, True, False, False, True, False]),
+    }
+    np_present = {m: v.numpy() for m, v in present.items()}
+    expected = prior_divided_product(_softmax(logits), prior, np_present)
+    got = model.predict_log_proba(logits, present).exp().double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    # sample 4 has only 'c': its own posterior; sample 8 has none: the prior
+    np.testing.assert_allclose(got[4], _softmax(logits)["c"][4], rtol=1e-5)
+    np.testing.assert_allclose(got[8], prior, rtol=1e-5)
+
+
+def test_independent_multilabel_product_divides_each_labels_prior() -> None:
+    g = torch.Generator().manual_seed(6)
+    logits = {m: torch.randn(5, 3, generator=g) * 2 for m in TWO}
+    rates = np.array([0.1, 0.5, 0.8])
+    model = IntraOnly(
+        mode="independent",
+        input_shapes=TWO,
+        num_classes=3,
+        multilabel=True,
+        class_frequencies=rates.tolist(),
+    )
+    probs = {m: torch.sigmoid(z.double()).numpy() for m, z in logits.items()}
+    present = {"a": torch.tensor([True, False, True, False, True])}
+    for mask in (None, present):
+        np_mask = None if mask is None else {"a": present["a"].numpy()}
+        expected = prior_divided_bernoulli(probs, rates, np_mask)
+        got = model.predict_log_proba(logits, mask).exp().double().numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_the_prior_is_divided_only_in_independent_mode_with_divide_prior() -> None:
+    g = torch.Generator().manual_seed(7)
+    logits = {m: torch.randn(4, 2, generator=g) for m in TWO}
+    plain = F.log_softmax(sum(logits.values()), -1)
+    kw = {"input_shapes": TWO, "num_classes": 2, "class_frequencies": [0.1, 0.9]}
+    joint = IntraOnly(mode="joint", **kw)  # trained through the product: nothing to divide
+    torch.testing.assert_close(joint.predict_log_proba(logits), plain)
+    off = IntraOnly(mode="independent", divide_prior=False, **kw)
+    torch.testing.assert_close(off.predict_log_proba(logits), plain)
+    # built by hand without frequencies: a uniform prior, no effect
+    bare = IntraOnly(mode="independent", input_shapes=TWO, num_classes=2)
+    assert torch.equal(bare.prior_logits, torch.zeros(2))
+    torch.testing.assert_close(bare.predict_log_proba(logits), plain)
+
+
+def test_class_frequencies_are_those_of_the_training_split() -> None:
+    train = torch.tensor([0] * 2 + [1] * 18)
+    dm = _Frequencies(train, 2)
+    torch.testing.assert_close(dm.class_frequencies(), torch.tensor([0.1, 0.9]))
+    assert float(dm.splits["val"].target.float().mean()) != pytest.approx(0.9)  # not train's
+    # a class absent from training gets frequency 0; multi-label: per-label positive rates
+    torch.testing.assert_close(
+        _Frequencies(train, 3).class_frequencies(), torch.tensor([0.1, 0.9, 0])
+    )
+    multihot = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]])
+    rates = _Frequencies(multihot, 3, multilabel=True).class_frequencies()
+    torch.testing.assert_close(rates, torch.tensor([0.75, 0.25, 0.75]))
+
+
+def test_setup_reads_the_training_prior_and_checkpoints_keep_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    train = torch.tensor([0] * 2 + [1] * 18)
+    dm = _Frequencies(train, 2)
+    sgd0 = functools.partial(torch.optim.SGD, lr=0.0)
+    model = IntraOnly(
+        mode="independent", input_shapes=TWO, num_classes=2, embed_dim=4, optimizer=sgd0
+    )
+    trainer = _quiet_trainer()
+    trainer.fit(model, datamodule=dm)
+    torch.testing.assert_close(model.prior_logits, torch.tensor([0.1, 0.9]).log())
+    out = trainer.predict(model, datamodule=dm)
+    assert out is not None
+    got = torch.cat([o["log_probs"] for o in out]).exp().double().numpy()
+    with torch.no_grad():
+        z = expert_logits(model, dm.splits["test"].inputs)
+    expected = prior_divided_product(_softmax(z), np.array([0.1, 0.9]))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    # saved with the weights, restored without a DataModule
+    assert "prior_logits" in model.state_dict()
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = IntraOnly.load_from_checkpoint(path)
+    assert restored.mode == "independent" and restored.divide_prior
+    torch.testing.assert_close(restored.prior_logits, model.prior_logits)
+    # evaluating a restored model on other data keeps the prior it was trained with
+    other = _Frequencies(torch.tensor([0] * 5 + [1] * 5), 2)
+    _quiet_trainer().validate(restored, datamodule=other, verbose=False)
+    torch.testing.assert_close(restored.prior_logits, model.prior_logits)
+    # a checkpoint written before the buffer existed still loads
+    old = torch.load(path, weights_only=False)
+    del old["state_dict"]["prior_logits"]
+    torch.save(old, path)
+    IntraOnly.load_from_checkpoint(path)
+
+
+def test_evaluating_a_model_without_a_prior_reads_the_datamodules() -> None:
+    dm = _Frequencies(torch.tensor([0] * 3 + [1] * 1), 2)
+    model = IntraOnly(mode="independent", input_shapes=TWO, num_classes=2, embed_dim=4)
+    _quiet_trainer().validate(model, datamodule=dm, verbose=False)
+    torch.testing.assert_close(model.prior_logits, torch.tensor([0.75, 0.25]).log())
+    # explicit frequencies win over the DataModule's
+    given = IntraOnly(
+        mode="independent", input_shapes=TWO, num_classes=2, class_frequencies=[0.5, 0.5]
+    )
+    _quiet_trainer().validate(given, datamodule=dm, verbose=False)
+    torch.testing.assert_close(given.prior_logits, torch.tensor([0.5, 0.5]).log())
+
+
+def test_class_frequencies_must_have_one_value_per_class() -> None:
+    with pytest.raises(MMLearnError, match=r"shape \[3\]; expected \[2\]"):
+        IntraOnly(mode="independent", input_shapes=TWO, num_classes=2, class_frequencies=[1, 2, 3])

@@ -7,16 +7,20 @@ predicted, where the two differ by a clear margin.
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mmlearn.batch import MultimodalBatch
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.metrics import expert_metrics, final_metrics
-from mmlearn.strategies import I2M2, InterOnly
+from mmlearn.strategies import I2M2, InterOnly, IntraOnly
+from mmlearn.strategies.base import impute_missing
 from reference import f1_per_class, macro_f1, one_hot  # noqa: I001  (tests/reference.py)
 
 # rows: true class, columns: predicted class. Class 3 is never predicted (its F1 is 0).
@@ -229,3 +233,77 @@ def test_multilabel_stage_metrics_score_every_label_of_every_expert() -> None:
     assert float(got["val/acc"]) == pytest.approx(5 / 6)
     # per-label F1: label 0: 1, label 1: 1, label 2: tp 1, fn 1 -> 2/3; macro = 8/9
     assert float(got["val/f1"]) == pytest.approx(8 / 9)
+
+
+# ---- unimodal accuracies count only the samples that have the modality -------------------------
+class _Batches:
+    """An iterable of ready batches (a list would be taken for a list of dataloaders)."""
+
+    def __init__(self, batches: list[MultimodalBatch]) -> None:
+        self.batches = batches
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _InputsAreLogits(IntraOnly):
+    """An IntraOnly whose expert m outputs its input ``x_m [B, K]`` as logits: the test decides
+    each expert's prediction, and an imputed (zeroed) modality predicts class 0 (argmax of 0s)."""
+
+    def forward(self, inputs):  # type: ignore[no-untyped-def]
+        return {m: inputs[m] for m in self.modalities}
+
+
+def _half_missing_batch() -> MultimodalBatch:
+    """8 samples, 3 classes; 'a' is absent for the odd samples, whose class is never 0, so the
+    zeros imputed for 'a' predict a wrong class there; 'a' is right on every present sample.
+    'b' is present everywhere and right on 6 of 8."""
+    target = torch.tensor([0, 1, 2, 2, 1, 1, 0, 2])
+    present_a = torch.tensor([True, False, True, False, True, False, True, False])
+    a = F.one_hot(target, 3).float() * 4  # right wherever it is seen
+    b_pred = target.clone()
+    b_pred[[0, 3]] = (target[[0, 3]] + 1) % 3  # wrong on samples 0 and 3
+    b = F.one_hot(b_pred, 3).float() * 4
+    present = {"a": present_a, "b": torch.ones(8, dtype=torch.bool)}
+    return MultimodalBatch(inputs={"a": a, "b": b}, target=target, present=present)
+
+
+def test_expert_accuracy_counts_only_samples_where_the_modality_is_present() -> None:
+    model = _InputsAreLogits(input_shapes={"a": [3], "b": [3]}, num_classes=3, embed_dim=4)
+    batch = _half_missing_batch()
+    (logged,) = _trainer().validate(model, dataloaders=_Batches([batch]), verbose=False)
+    # 'a' is right on all 4 samples that have it; counting the 4 imputed ones would give 4/8
+    assert logged["val/acc/a"] == pytest.approx(1.0)
+    assert logged["val/acc/b"] == pytest.approx(6 / 8)
+
+
+def test_expert_metric_objects_are_updated_with_the_present_samples_only() -> None:
+    from mmlearn.metrics import key
+
+    model = _InputsAreLogits(input_shapes={"a": [3], "b": [3]}, num_classes=3, embed_dim=4)
+    batch = _half_missing_batch()
+    outputs = model(impute_missing(batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        model._update_metrics("test", outputs, batch)
+    experts = model.expert_metrics[key("test")]
+    assert float(experts["a"].compute()) == pytest.approx(1.0)
+    assert int(experts["a"].tp.sum() + experts["a"].fn.sum()) == 4  # 4 samples, not 8
+    assert int(experts["b"].tp.sum() + experts["b"].fn.sum()) == 8
+    assert float(experts["b"].compute()) == pytest.approx(6 / 8)
+
+
+def test_expert_accuracy_skips_a_batch_without_the_modality() -> None:
+    model = _InputsAreLogits(input_shapes={"a": [3], "b": [3]}, num_classes=3, embed_dim=4)
+    batch = _half_missing_batch()
+    absent = MultimodalBatch(
+        inputs=batch.inputs,
+        target=batch.target,
+        present={"a": torch.zeros(8, dtype=torch.bool), "b": torch.ones(8, dtype=torch.bool)},
+    )
+    (logged,) = _trainer().validate(model, dataloaders=_Batches([absent, batch]), verbose=False)
+    assert logged["val/acc/a"] == pytest.approx(1.0)  # the batch without 'a' adds nothing
+    assert logged["val/acc/b"] == pytest.approx(12 / 16)

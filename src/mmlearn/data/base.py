@@ -240,6 +240,20 @@ class MultimodalDataModule(pl.LightningDataModule):
                     batch.inputs[m] = x.float()
         return batch
 
+    def class_frequencies(self) -> Tensor:
+        """The training split's class frequencies ``[K]`` (float32): the class prior ``p(y)``.
+
+        Single-label: each class's share of the training samples (sums to 1). Multi-label: each
+        label's positive rate (the mean of its multi-hot column). Every process holds the whole
+        training split (DDP shards the loader, not :attr:`splits`), so every rank gets the same
+        frequencies.
+        """
+        target = self.splits["train"].target
+        if self.multilabel:
+            return target.float().mean(0)
+        counts = torch.bincount(target, minlength=self.num_classes).float()
+        return counts / counts.sum()
+
 
 def standardize(splits: dict[str, Split]) -> dict[str, Split]:
     """Standardise every float modality with the mean and std of the TRAIN split (per feature).

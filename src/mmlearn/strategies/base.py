@@ -12,7 +12,6 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -22,6 +21,7 @@ from mmlearn.encoders import Encoder, build_encoder
 from mmlearn.errors import MMLearnError
 from mmlearn.fusion import Fusion, build_fusion
 from mmlearn.heads import make_head
+from mmlearn.likelihood import Likelihood, likelihood
 from mmlearn.metrics import key, stage_metrics
 from mmlearn.strategies.step import sync_batchnorm
 
@@ -69,7 +69,10 @@ class MultimodalModule(pl.LightningModule):
         num_classes: K. Linked from the DataModule by the CLI.
         multilabel: targets are multi-hot ``[B, K]`` (several labels per sample): every head is
             K independent Bernoulli logits, trained with binary cross-entropy; "log-probabilities"
-            are ``log sigmoid(z)`` per label. Linked from the DataModule.
+            are ``log sigmoid(z)`` per label. Linked from the DataModule. It picks
+            :attr:`likelihood` (:class:`~mmlearn.likelihood.Bernoulli`, else
+            :class:`~mmlearn.likelihood.Categorical`), which every loss, log-probability,
+            decision and metric of the model goes through.
         encoders: modality -> ``{"name": <encoder>, **options}``. A modality left out gets the
             default for its input shape (MLP for vectors, CNN for images, GRU for sequences).
         embed_dim: feature size every encoder outputs.
@@ -116,6 +119,7 @@ class MultimodalModule(pl.LightningModule):
         self.modalities = list(self.input_shapes)
         self.num_classes = int(num_classes)
         self.multilabel = bool(multilabel)
+        self.likelihood: Likelihood = likelihood(self.multilabel)
         self.encoder_specs = dict(encoders or {})
         unknown = sorted(set(self.encoder_specs) - set(self.modalities))
         if unknown:
@@ -180,29 +184,22 @@ class MultimodalModule(pl.LightningModule):
         """The strategy's inference rule: log-probabilities ``[B, K]``."""
         raise NotImplementedError
 
-    # ---- one label (softmax) or several (independent sigmoids) ------------------------------
+    # ---- one label (softmax) or several (independent sigmoids): see mmlearn.likelihood ------
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy of ``logits [B, K]``: softmax CE, or mean binary CE per label."""
-        if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype))
-        return F.cross_entropy(logits, target)
+        return self.likelihood.loss(logits, target)
 
     def log_proba(self, logits: Tensor) -> Tensor:
         """``log_softmax(z)``, or ``log sigmoid(z)`` (log p(label present)) when multi-label."""
-        z = logits.float()
-        return F.logsigmoid(z) if self.multilabel else F.log_softmax(z, dim=-1)
+        return self.likelihood.log_proba(logits)
 
     def nll(self, log_probs: Tensor, target: Tensor) -> Tensor:
         """Negative log-likelihood of ``target`` under :meth:`log_proba`-style output."""
-        if not self.multilabel:
-            return F.nll_loss(log_probs, target)
-        t = target.to(log_probs.dtype)
-        log_not = torch.log((-torch.expm1(log_probs)).clamp_min(1e-12))  # log(1 - p), stable
-        return -(t * log_probs + (1 - t) * log_not).mean()
+        return self.likelihood.nll(log_probs, target)
 
     def predicted(self, log_probs: Tensor) -> Tensor:
         """Class indices ``[B]``, or a multi-hot ``[B, K]`` (p > 0.5) when multi-label."""
-        return (log_probs.exp() > 0.5).long() if self.multilabel else log_probs.argmax(-1)
+        return self.likelihood.predicted(log_probs)
 
     def total_loss(self, losses: Mapping[str, Tensor]) -> Tensor:
         """The objective the strategy minimises, logged as ``train/loss``: the sum by default.
@@ -331,8 +328,7 @@ class MultimodalModule(pl.LightningModule):
     ) -> Tensor:
         log_probs = self.predict_log_proba(outputs, batch.present)
         final = cast(MetricCollection, self.final_metrics[key(stage)])
-        # multi-label metrics threshold probabilities (they would squash log-probs with a sigmoid)
-        final.update(log_probs.exp() if self.multilabel else log_probs, batch.target)
+        final.update(self.likelihood.metric_input(log_probs), batch.target)
         # the Metric objects are logged once per epoch: Lightning keeps the reference and
         # computes them at the epoch's end, and each self.log call costs ~0.7 ms of bookkeeping
         # (a quarter of the framework's overhead per training step on 2 CPU cores)
@@ -343,10 +339,18 @@ class MultimodalModule(pl.LightningModule):
         if self.has_experts:
             experts = cast(MetricCollection, self.expert_metrics[key(stage)])
             for m in self.modalities:
-                # multi-label: probabilities, as above (logits that all lie in [0, 1] would be
-                # taken for probabilities and thresholded at 0.5); single-label: logits (argmax)
-                z = outputs[m]
-                experts[m].update(self.log_proba(z).exp() if self.multilabel else z, batch.target)
+                # multi-label metrics take probabilities: logits that all lie in [0, 1] would be
+                # taken for probabilities and thresholded at 0.5
+                scores = self.likelihood.metric_input(self.log_proba(outputs[m]))
+                target = batch.target
+                mask = batch.mask(m)
+                if mask is not None:
+                    # an expert is measured on the samples that have its modality: on the others
+                    # it saw imputed zeros, which says nothing about the modality
+                    if not bool(mask.any()):
+                        continue
+                    scores, target = scores[mask], target[mask]
+                experts[m].update(scores, target)
             if register:
                 self.log_dict(experts, on_step=False, on_epoch=True, batch_size=batch.size)
         return log_probs

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
-from mmlearn.heads import all_present, product_of_experts
+from mmlearn.heads import all_present
 from mmlearn.strategies.base import FUSED, MultimodalModule
 
 MISSING_JOINT = ("impute", "drop")
@@ -87,13 +87,11 @@ class I2M2(MultimodalModule):
         return out
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        return {
-            "product": self.nll(product_of_experts(outputs, multilabel=self.multilabel), target)
-        }
+        return {"product": self.nll(self.likelihood.product_of_experts(outputs), target)}
 
     def predict_log_proba(
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         masks: dict[str, Tensor | None] = dict(present or {})
         masks[FUSED] = all_present(present) if self.missing_joint == "drop" else None
-        return product_of_experts(outputs, masks, multilabel=self.multilabel)
+        return self.likelihood.product_of_experts(outputs, masks)

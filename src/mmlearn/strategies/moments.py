@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
+from mmlearn.likelihood import likelihood
 from mmlearn.strategies import step
 
 if TYPE_CHECKING:
@@ -217,19 +218,22 @@ def last_layer_moments(
 ) -> tuple[Tensor, Tensor]:
     """Sums over samples of the per-sample CE gradients of a linear layer, and of their squares.
 
-    For ``z = W h + b`` the per-sample gradient is ``outer(p - onehot(y), [h, 1])`` (multi-label:
-    ``(sigmoid(z) - y) / K``, the gradient of the per-sample mean binary CE), so
-    ``sum_i g_i = R^T H1`` and ``sum_i g_i^2 = (R^2)^T (H1^2)`` with ``R = p - onehot(y)``
-    ``[N, K]`` and ``H1 = [h, 1]`` ``[N, d+1]``: one extra matmul, no per-sample tensors.
+    For ``z = W h + b`` the per-sample gradient is ``outer(r_i, [h_i, 1])`` with ``r_i = dL_i/dz_i``
+    the likelihood's residual (:meth:`~mmlearn.likelihood.Likelihood.residual`: ``p - onehot(y)``;
+    multi-label ``(sigmoid(z) - y) / K``, the gradient of the per-sample mean binary CE), so
+    ``sum_i g_i = R^T H1`` and ``sum_i g_i^2 = (R^2)^T (H1^2)`` with ``R`` ``[N, K]`` and
+    ``H1 = [h, 1]`` ``[N, d+1]``: one extra matmul, no per-sample tensors.
+
+    Args:
+        h: the layer's input ``[N, d]``.
+        logits: its output ``[N, K]``.
+        target: class indices ``[N]``, or multi-hot ``[N, K]`` when ``multilabel``.
+        multilabel: the likelihood (:func:`mmlearn.likelihood.likelihood`).
 
     Returns:
-        ``(sum_g [K, d+1], sum_g2 [K, d+1])``.
+        ``(sum_g [K, d+1], sum_g2 [K, d+1])``, float32.
     """
-    if multilabel:
-        r = (torch.sigmoid(logits.detach().float()) - target.float()) / logits.shape[-1]
-    else:
-        r = torch.softmax(logits.detach().float(), -1)
-        r[torch.arange(len(target)), target] -= 1
+    r = likelihood(multilabel).residual(logits.detach(), target)
     h1 = torch.cat([h.detach().float(), h.new_ones(h.shape[0], 1, dtype=torch.float32)], 1)
     return r.T @ h1, (r * r).T @ (h1 * h1)
 
