@@ -13,6 +13,7 @@ the loss with respect to the logits. The strategies call it instead of branching
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -130,9 +131,11 @@ class Likelihood:
             if mask is None:
                 count = count + 1.0
             else:
-                weight = mask.to(term.dtype)
-                term = term * weight.unsqueeze(-1)
-                count = count + weight
+                keep = mask.bool()
+                # where, not a product with the mask: an absent expert's logits may be NaN or
+                # inf (0 * nan is nan), and they must not reach the present experts' result
+                term = torch.where(keep.unsqueeze(-1), term, torch.zeros_like(term))
+                count = count + keep.to(term.dtype)
             total = term if total is None else total + term
         assert total is not None
         if prior_logits is not None:
@@ -196,6 +199,7 @@ class Categorical(Likelihood):
         f = _check_frequencies(frequencies)
         if not float(f.sum()) > 0:
             raise MMLearnError(f"class frequencies {f.tolist()} sum to 0")
+        _warn_unseen(f, f > 0, "class")
         return (f / f.sum()).clamp_min(MIN_FREQUENCY).log()
 
     def _expert_term(self, logits: Tensor) -> Tensor:
@@ -253,6 +257,7 @@ class Bernoulli(Likelihood):
         f = _check_frequencies(frequencies)
         if bool((f > 1).any()):
             raise MMLearnError(f"label frequencies {f.tolist()}: expected rates in [0, 1]")
+        _warn_unseen(f, (f > 0) & (f < 1), "label")
         f = f.clamp(MIN_FREQUENCY, 1 - MIN_FREQUENCY)
         return f.log() - (-f).log1p()
 
@@ -278,3 +283,16 @@ class Bernoulli(Likelihood):
 def likelihood(multilabel: bool) -> Likelihood:
     """:class:`Bernoulli` for multi-label data (multi-hot targets), else :class:`Categorical`."""
     return Bernoulli() if multilabel else Categorical()
+
+
+def _warn_unseen(frequencies: Tensor, seen: Tensor, what: str) -> None:
+    """Warn when a frequency is floored or capped: its prior factor is then a guess."""
+    unseen = torch.nonzero(~seen).flatten().tolist()
+    if unseen:
+        warnings.warn(
+            f"{what} {unseen} with training frequency {frequencies[unseen].tolist()}: their "
+            f"prior is clamped to [{MIN_FREQUENCY}, 1 - {MIN_FREQUENCY}], so dividing it out of "
+            "a product of independent experts moves them by a factor of up to "
+            f"{1 / MIN_FREQUENCY:.0e} per extra modality",
+            stacklevel=3,
+        )

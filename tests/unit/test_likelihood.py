@@ -225,3 +225,26 @@ def test_prior_logits_refuse_bad_frequencies(lik: Likelihood, bad: torch.Tensor)
 def test_a_product_needs_an_expert() -> None:
     with pytest.raises(MMLearnError, match="at least one expert"):
         Categorical().product_of_experts({})
+
+
+@pytest.mark.parametrize("lik", [Categorical(), Bernoulli()], ids=["categorical", "bernoulli"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_absent_experts_non_finite_logits_do_not_reach_the_result(
+    lik: Likelihood, bad: float
+) -> None:
+    """Found by an independent review: masking by multiplication made 0 * nan = nan."""
+    b = torch.tensor([[0.5, 0.0, -0.5], [0.2, 0.1, 0.0]])
+    a = torch.tensor([[bad, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    present = {"a": torch.tensor([False, True]), "b": torch.tensor([True, True])}
+    prior = lik.prior_logits(torch.tensor([0.2, 0.3, 0.5]))
+    got = lik.product_of_experts({"a": a, "b": b}, present, prior)
+    alone = lik.product_of_experts({"b": b[:1]}, None, prior)
+    torch.testing.assert_close(got[:1], alone)
+    assert bool(torch.isfinite(got).all())
+
+
+def test_a_class_never_seen_in_training_is_warned_about() -> None:
+    with pytest.warns(UserWarning, match=r"class \[0\] with training frequency \[0.0\]"):
+        Categorical().prior_logits(torch.tensor([0.0, 0.3, 0.7]))
+    with pytest.warns(UserWarning, match=r"label \[1\] with training frequency \[1.0\]"):
+        Bernoulli().prior_logits(torch.tensor([0.4, 1.0]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
 
 
 class Checkpoint(ModelCheckpoint):
@@ -18,7 +19,9 @@ class Checkpoint(ModelCheckpoint):
 
     _last_written_step = -1
 
-    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+    def _save_last_checkpoint(
+        self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]
+    ) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_written_step = trainer.global_step
 
