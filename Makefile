@@ -34,7 +34,8 @@ demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print 
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m mmlearn compare \
 		$(foreach s,$(DEMO),experiments/mfeat/$(s).yaml) --seeds 0 1 2 --out runs/demo
 
-test: install data  ## run the test suite (PYTEST_ARGS=... to select)
+test: install data  ## type-check src/ (mypy), then run the test suite (PYTEST_ARGS=... to select)
+	$(VENV)/bin/mypy
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 mutate: install data  ## mutation testing (mutmut) of the reported numerics; writes tests/mutation/REPORT.md

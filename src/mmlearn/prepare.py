@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from mmlearn.data.av_clips import prepare_av_clips
 from mmlearn.data.avmnist import prepare_avmnist
 from mmlearn.data.fashion import prepare_fashion_mnist
-from mmlearn.data.mfeat import default_root, prepare_mfeat
+from mmlearn.data.mfeat import prepare_mfeat
+from mmlearn.data.paths import default_root
 
 PREPARERS = {
     "mfeat": prepare_mfeat,
@@ -21,13 +22,21 @@ PREPARERS = {
 
 
 def prepare_main(argv: Sequence[str]) -> int:
+    """Run ``mmlearn prepare`` on ``argv`` (the arguments after ``prepare``).
+
+    Args:
+        argv: ``<dataset> [--root DIR] [--source PATH]``.
+
+    Returns:
+        The exit status (0).
+    """
     parser = argparse.ArgumentParser(prog="mmlearn prepare", description=__doc__)
     parser.add_argument("dataset", choices=sorted(PREPARERS))
     parser.add_argument(
-        "--root", default=default_root(), help="data directory (default: %(default)s)"
+        "--root", default=None, help="data directory (default: $MMLEARN_DATA, else ./data)"
     )
     parser.add_argument("--source", default=None, help="local archive or folder to read instead")
     args = parser.parse_args(list(argv))
-    out = PREPARERS[args.dataset](args.root, args.source)
+    out = PREPARERS[args.dataset](default_root(args.root), args.source)
     print(f"prepared {args.dataset} in {out}")
     return 0

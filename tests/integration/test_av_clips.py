@@ -108,3 +108,15 @@ def test_bad_layouts_fail_before_training_naming_file_and_clip(tmp_path: Path, w
     dm = AudioVisualClips(root=str(tmp_path), seed=0, **SMALL)
     with pytest.raises((MMLearnError, FileNotFoundError), match=message):
         dm.prepare_data()
+
+
+def test_missing_clips_cannot_be_fetched_and_the_error_names_the_layout(tmp_path: Path) -> None:
+    dm = AudioVisualClips(root=str(tmp_path), name="kinetics-sounds", **SMALL)
+    assert dm.input_shapes == {"visual": [2, 3, 32, 32], "audio": [1, 257, 188]}  # no file read
+    for step in (dm.prepare_data, lambda: dm.num_classes):
+        with pytest.raises(FileNotFoundError) as err:
+            step()
+        message = str(err.value)
+        assert str(tmp_path / "kinetics-sounds" / "train.csv") in message
+        assert "cannot be fetched" in message and "visual/Image-01-FPS/<clip>/*.jpg" in message
+    assert not (tmp_path / "kinetics-sounds").exists()  # a failed prepare leaves nothing behind

@@ -99,3 +99,14 @@ def test_prepare_again_rehashes_against_the_manifest(tmp_path: Path, capsys) -> 
         main(main_args)
     assert done.value.code == 2
     assert "test_data.npy: SHA-256" in capsys.readouterr().err
+
+
+def test_missing_data_cannot_be_fetched_and_says_what_to_run(tmp_path: Path) -> None:
+    dm = AVMNIST(root=str(tmp_path), val_size=30)
+    dm.prepare_data()  # nothing to fetch: not redistributed
+    assert not (tmp_path / "avmnist").exists()
+    with pytest.raises(FileNotFoundError) as err:
+        _ = dm.splits
+    message = str(err.value)
+    assert str(tmp_path / "avmnist") in message and "cannot be fetched" in message
+    assert f"mmlearn prepare avmnist --root {tmp_path}" in message

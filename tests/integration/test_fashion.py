@@ -113,3 +113,23 @@ def test_real_fashion_mnist(fashion_dir: Path, tmp_path: Path, run_cli) -> None:
         # micro accuracy over exactly the limit_test=500 test images: a count of 500ths
         correct = float(cli.trainer.callback_metrics["test/acc"]) * 500
         assert abs(correct - round(correct)) < 1e-3, (strategy, correct)
+
+
+def test_prepare_data_copies_the_system_files_into_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the Debian folder present (here a miniature standing in for it, its hashes as the
+    manifest), prepare_data fills a root that lacks the files; shapes are known before."""
+    from mmlearn.data import fashion
+    from mmlearn.data.manifest import sha256
+
+    system = write_fashion_mnist(tmp_path / "system")
+    monkeypatch.setattr(fashion, "SYSTEM_DIR", system)
+    monkeypatch.setattr(fashion, "FILES", {n: sha256(system / n) for n in FILES})
+    dm = FashionMNISTViews(root=str(tmp_path / "data"), layout="quadrants", seed=0)
+    assert dm.input_shapes == {v: [1, 14, 14] for v in dm.modalities} and len(dm.modalities) == 4
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        _ = FashionMNISTViews(root=str(tmp_path / "data")).splits
+    dm.prepare_data()
+    assert sorted(p.name for p in (tmp_path / "data" / "fashion-mnist").iterdir()) == sorted(FILES)
+    assert [len(dm.splits[s].target) for s in ("train", "val", "test")] == [270, 30, 100]

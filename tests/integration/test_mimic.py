@@ -85,3 +85,14 @@ def test_bad_pickles_are_named(tmp_path: Path) -> None:
         _ = MIMIC(str(tmp_path / "none.pk")).splits
     with pytest.raises(MMLearnError, match=r"MIMIC.task=20"):
         MIMIC(str(path), task=20)
+
+
+def test_the_default_path_is_under_the_data_root(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MMLEARN_DATA", str(tmp_path))
+    dm = MIMIC()
+    assert dm.path == tmp_path / "mimic" / "im.pk"
+    dm.prepare_data()  # credentialed: nothing is fetched
+    with pytest.raises(FileNotFoundError, match=r"im.pk not found; .* cannot be fetched"):
+        _ = dm.splits
+    write_mimic(tmp_path)
+    assert MIMIC(seed=0).input_shapes == {"static": [5], "timeseries": [24, 12]}

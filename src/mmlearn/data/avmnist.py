@@ -13,10 +13,13 @@ noise). MultiBench's folder::
 
 As in MultiBench, the last 5,000 training pairs are the validation split and both modalities are
 divided by 255. ``mmlearn prepare avmnist --root DIR`` checks the layout and writes its manifest.
+AV-MNIST is not redistributed, so nothing fetches it: ``prepare_data`` does nothing and loading
+without the folder is an error naming it. :func:`write_avmnist` writes the layout in miniature.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import torch
 
 from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.data.manifest import check_manifest, write_manifest
-from mmlearn.data.mfeat import default_root
+from mmlearn.data.paths import PathArg, default_root
 from mmlearn.errors import MMLearnError
 
 FILES = {
@@ -35,15 +38,19 @@ FILES = {
 }
 SHAPES: dict[str, list[tuple[int, ...]]] = {"image": [(784,), (28, 28)], "audio": [(112, 112)]}
 HINT = (
-    "AV-MNIST is not redistributed here: get MultiBench's avmnist folder (github.com/pliang279/"
-    "MultiBench, datasets/avmnist) and unpack it as {folder}"
+    "AV-MNIST is not redistributed, so it cannot be fetched: get MultiBench's avmnist folder "
+    "(github.com/pliang279/MultiBench, datasets/avmnist), unpack it as {folder} and run "
+    "`mmlearn prepare avmnist --root {root}` (or `--source <that folder>` to copy it there)"
 )
 
 
 def _load(folder: Path, rel: str) -> np.ndarray:
+    """``folder/rel`` as a read-only memory map; a missing file names the folder and the way."""
     path = folder / rel
     if not path.is_file():
-        raise FileNotFoundError(f"AVMNIST: {path} not found; " + HINT.format(folder=folder))
+        raise FileNotFoundError(
+            f"AVMNIST: {path} not found; " + HINT.format(folder=folder, root=folder.parent)
+        )
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
@@ -78,7 +85,9 @@ def read_avmnist(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     return parts
 
 
-def prepare_avmnist(root: str, source: str | None = None) -> Path:
+def prepare_avmnist(
+    root: str | os.PathLike[str], source: str | os.PathLike[str] | None = None
+) -> Path:
     """Copy MultiBench's ``avmnist`` folder from ``source`` (if given) to ``root/avmnist``, check
     its layout and record its manifest (SHA-256 and size per file).
 
@@ -108,14 +117,18 @@ class AVMNIST(MultimodalDataModule):
     """AV-MNIST: ``image`` ``[1, 28, 28]`` and ``audio`` ``[1, 112, 112]`` (CNN encoders).
 
     Args:
-        root: folder holding ``avmnist/``; ``None``: ``$MMLEARN_DATA`` or ``./data``.
+        root: folder holding ``avmnist/``; ``None``: ``$MMLEARN_DATA`` or ``./data``. In a config,
+            relative to that file.
         val_size: the last ``val_size`` training pairs are the validation split (MultiBench: 5000).
         limit_train: keep only the first this-many training pairs (quick runs).
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        seed: seed of the shuffling (``None``: follows ``seed_everything``).
     """
 
     def __init__(
         self,
-        root: str | None = None,
+        root: PathArg | None = None,
         val_size: int = 5000,
         limit_train: int | None = None,
         batch_size: int = 64,
@@ -123,7 +136,7 @@ class AVMNIST(MultimodalDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.folder = Path(root if root is not None else default_root()) / "avmnist"
+        self.folder = default_root(root) / "avmnist"
         self.val_size, self.limit_train = val_size, limit_train
         self.source = str(self.folder)
 
@@ -155,3 +168,29 @@ class AVMNIST(MultimodalDataModule):
             target = torch.from_numpy(np.array(arrays["label"][rows], dtype=np.int64))  # a copy
             splits[name] = Split({"image": image, "audio": audio}, target)
         return splits
+
+
+# ---- the layout in miniature (tests, examples; the index is mmlearn.data.fixtures) ----------
+def write_avmnist(root: str | Path, n_train: int = 150, n_test: int = 50, seed: int = 0) -> Path:
+    """``root/avmnist/`` in MultiBench's layout, in miniature.
+
+    Images are uint8 ``[N, 784]`` with a bright row band per class; spectrograms are float64
+    ``[N, 112, 112]`` in [0, 255] with a bright frequency band per class (MultiBench's arrays
+    come in both kinds of dtype; the reader takes either).
+    """
+    out = Path(root) / "avmnist"
+    for sub in ("image", "audio"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for part, n in (("train", n_train), ("test", n_test)):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        img = rng.integers(0, 50, size=(n, 28, 28))
+        spec = rng.uniform(0, 60, size=(n, 112, 112))
+        for i, c in enumerate(y):
+            img[i, 2 * c + 3 : 2 * c + 6, :] += 180
+            spec[i, 10 * c + 5 : 10 * c + 12, :] += 150
+        np.save(out / "image" / f"{part}_data.npy", img.reshape(n, 784).astype(np.uint8))
+        np.save(out / "audio" / f"{part}_data.npy", spec)
+        np.save(out / f"{part}_labels.npy", y.astype(np.int64))
+    return out

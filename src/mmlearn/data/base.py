@@ -35,7 +35,7 @@ class Split:
     target: Tensor
 
 
-class SplitDataset(Dataset):
+class SplitDataset(Dataset[tuple[dict[str, Tensor], Tensor]]):
     """Index ``i`` -> ``({m: x_m[i]}, y[i])``."""
 
     def __init__(self, split: Split) -> None:
@@ -202,7 +202,7 @@ class MultimodalDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         _ = self.splits  # load and validate before any training step
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
         ds = SplitDataset(self.splits[name])
         # resumable mid-epoch (a preempted job continues with the very next batch)
         sampler = EpochSeededSampler(len(ds), self.seed, shuffle)
@@ -214,16 +214,16 @@ class MultimodalDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader[Any]:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader[Any]:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader[Any]:
         return self._loader("test", shuffle=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader[Any]:
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmlearn.data.base import SPLITS, MultimodalDataModule, Split, stratified_split
 from mmlearn.data.manifest import check_manifest, write_manifest
-from mmlearn.data.mfeat import default_root
+from mmlearn.data.paths import PathArg, default_root
 from mmlearn.errors import MMLearnError
 
 
@@ -35,7 +34,7 @@ class SplitPlan:
         arrays: saved as they are: ``labels`` and any modality computed in bulk.
     """
 
-    decode: Dataset
+    decode: Dataset[Any]
     layout: dict[str, tuple[list[int], Any]]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -53,7 +52,7 @@ class CachedDataModule(MultimodalDataModule):
     def __init__(
         self,
         name: str,
-        root: str | None,
+        root: PathArg | None,
         val_fraction: float,
         prepare_workers: int,
         batch_size: int,
@@ -61,7 +60,7 @@ class CachedDataModule(MultimodalDataModule):
         seed: int | None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
-        self.folder = Path(root if root is not None else default_root()) / name
+        self.folder = default_root(root) / name
         self.cache = self.folder / "cache"
         self.val_fraction, self.prepare_workers = val_fraction, prepare_workers
         self.source = str(self.folder)
@@ -92,10 +91,11 @@ class CachedDataModule(MultimodalDataModule):
         """Decode every sample once into the cache (skipped when it is current)."""
         if self.cache_is_current():
             return
+        plans = self.cache_plan()  # reads the lists first: missing data leaves no folder behind
         self.cache.mkdir(parents=True, exist_ok=True)
         (self.cache / "meta.json").unlink(missing_ok=True)  # an interrupted build stays stale
         written = []
-        for split, plan in self.cache_plan().items():
+        for split, plan in plans.items():
             n = len(plan.decode)  # type: ignore[arg-type]
             maps = {
                 m: np.lib.format.open_memmap(

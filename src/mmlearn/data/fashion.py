@@ -4,7 +4,9 @@ Fashion-MNIST (Xiao, Rasul and Vollgraf 2017, arXiv:1708.07747): 70,000 28x28 gr
 clothing classes, in the IDX format (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``). Debian
 ships it in the package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``);
 ``mmlearn prepare fashion-mnist`` checks the files against their SHA-256 manifest and copies them
-under ``<root>/fashion-mnist``.
+under ``<root>/fashion-mnist``, and so does ``prepare_data`` when that folder lacks a file and the
+Debian package is installed. Nothing downloads the files: without the package they must be put
+there by hand. :func:`write_fashion_mnist` writes the layout in miniature.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from mmlearn.data.base import MultimodalDataModule, Split, standardize, stratified_split
 from mmlearn.data.manifest import check_manifest, sha256
+from mmlearn.data.paths import PathArg, default_root
 from mmlearn.errors import MMLearnError
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -30,8 +33,10 @@ FILES = {
     "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",  # noqa: E501
 }
 HINT = (
-    "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or put the "
-    "four IDX .gz files from github.com/zalandoresearch/fashion-mnist in {root}/fashion-mnist"
+    "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist; then "
+    "prepare_data, which `mmlearn fit` runs, or `mmlearn prepare fashion-mnist --root {root}` "
+    "copies it), or put the four IDX .gz files from github.com/zalandoresearch/fashion-mnist in "
+    "{root}/fashion-mnist (`mmlearn prepare fashion-mnist --root {root} --source <folder>`)"
 )
 # view name -> (rows, cols) slice of the 28x28 image
 LAYOUTS: dict[str, dict[str, tuple[slice, slice]]] = {
@@ -68,8 +73,22 @@ def read_idx(path: Path, dims: int) -> np.ndarray:
     return data.reshape(shape)
 
 
-def prepare_fashion_mnist(root: str, source: str | None = None) -> Path:
-    """Check the four IDX files against the manifest and copy them to ``root/fashion-mnist``."""
+def prepare_fashion_mnist(
+    root: str | os.PathLike[str], source: str | os.PathLike[str] | None = None
+) -> Path:
+    """Check the four IDX files against the manifest and copy them to ``root/fashion-mnist``.
+
+    Args:
+        root: the data directory.
+        source: a folder with the four files; ``None``: Debian's ``SYSTEM_DIR``.
+
+    Returns:
+        ``root/fashion-mnist``.
+
+    Raises:
+        FileNotFoundError: ``source`` (or a file of it) does not exist.
+        MMLearnError: a file differs from the published one (SHA-256).
+    """
     src = Path(source) if source else SYSTEM_DIR
     if not src.is_dir():
         raise FileNotFoundError(f"{src} not found: " + HINT.format(root=root))
@@ -90,18 +109,22 @@ class FashionMNISTViews(MultimodalDataModule):
     training statistics.
 
     Args:
-        root: folder holding ``fashion-mnist/``; ``None``: ``$MMLEARN_DATA/fashion-mnist`` when it
-            exists, else Debian's ``/usr/share/datasets/fashion-mnist``.
+        root: folder holding ``fashion-mnist/``; ``None``: ``$MMLEARN_DATA/fashion-mnist`` (or
+            ``./data/fashion-mnist``) when it exists, else Debian's
+            ``/usr/share/datasets/fashion-mnist``. In a config, relative to that file.
         layout: ``halves`` (top/bottom ``[1, 14, 28]``), ``left_right`` (``[1, 28, 14]``) or
             ``quadrants`` (4 views ``[1, 14, 14]``).
         val_fraction: share of the training images used for validation.
         limit_train: keep only this many training images (a seeded random subset; quick runs).
         limit_test: keep only the first this-many test images.
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        seed: seed of the validation split and the shuffling (``None``: ``seed_everything``).
     """
 
     def __init__(
         self,
-        root: str | None = None,
+        root: PathArg | None = None,
         layout: Literal["halves", "left_right", "quadrants"] = "halves",
         val_fraction: float = 0.1,
         limit_train: int | None = None,
@@ -115,19 +138,33 @@ class FashionMNISTViews(MultimodalDataModule):
             raise MMLearnError(f"FashionMNISTViews.layout={layout!r}; expected {sorted(LAYOUTS)}")
         self.layout, self.val_fraction = layout, val_fraction
         self.limit_train, self.limit_test = limit_train, limit_test
-        self.folder = self._folder(root)
+        self.root = default_root(root)
+        local = self.root / "fashion-mnist"
+        self.folder = local if root is not None or local.is_dir() else SYSTEM_DIR
         self.source = str(self.folder)
 
-    @staticmethod
-    def _folder(root: str | None) -> Path:
-        if root is not None:
-            return Path(root) / "fashion-mnist"
-        local = Path(os.environ.get("MMLEARN_DATA", "data")) / "fashion-mnist"
-        return local if local.is_dir() else SYSTEM_DIR
+    # ---- what is known before any file is read (the CLI links it into the model) ----------
+    @property
+    def modalities(self) -> list[str]:
+        return list(LAYOUTS[self.layout])
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        side = range(28)
+        return {v: [1, len(side[r]), len(side[c])] for v, (r, c) in LAYOUTS[self.layout].items()}
 
     @property
     def num_classes(self) -> int:
         return 10
+
+    def prepare_data(self) -> None:
+        """Copy Debian's files into ``root/fashion-mnist`` when a file is missing there and the
+        package is installed (checked against the SHA-256 manifest); otherwise nothing: loading
+        names the missing file and what to install or run."""
+        if self.folder == SYSTEM_DIR or all((self.folder / name).is_file() for name in FILES):
+            return
+        if all((SYSTEM_DIR / name).is_file() for name in FILES):
+            prepare_fashion_mnist(self.folder.parent)
 
     def _read(self, part: str) -> tuple[np.ndarray, np.ndarray]:
         images, labels = (
@@ -136,7 +173,7 @@ class FashionMNISTViews(MultimodalDataModule):
         for path in (images, labels):
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"FashionMNISTViews: {path} not found; " + HINT.format(root=self.folder.parent)
+                    f"FashionMNISTViews: {path} not found; " + HINT.format(root=self.root)
                 )
         x, y = read_idx(images, 3), read_idx(labels, 1)
         if len(x) != len(y):
@@ -172,3 +209,34 @@ class FashionMNISTViews(MultimodalDataModule):
             }
             splits[name] = Split(views, y)
         return standardize(splits)
+
+
+# ---- the layout in miniature (tests, examples; the index is mmlearn.data.fixtures) ----------
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = (0x0800 + array.ndim).to_bytes(4, "big")
+    dims = b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(magic + dims + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(
+    root: str | Path, n_train: int = 300, n_test: int = 100, seed: int = 0
+) -> Path:
+    """``root/fashion-mnist/`` with the four gzip'd IDX files of Fashion-MNIST, in miniature.
+
+    Class ``y`` lights a bar in row band ``y`` of the top half and column band ``y`` of the bottom
+    half (plus noise), so each half alone tells the class apart.
+    """
+    out = Path(root) / "fashion-mnist"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        x = rng.integers(0, 60, size=(n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, c : c + 3, :] += 150  # rows c..c+2 (top half)
+            x[i, 14:, 2 * c : 2 * c + 3] += 150  # columns in the bottom half
+        _write_idx(out / f"{part}-images-idx3-ubyte.gz", np.clip(x, 0, 255))
+        _write_idx(out / f"{part}-labels-idx1-ubyte.gz", y)
+    return out

@@ -11,7 +11,8 @@ first use (``prepare_data``) decodes every image once (resized to ``image_size``
 tokenises every text with a ``transformers`` tokenizer (``max_length``, padded with 0) into
 ``<name>/cache/`` memory maps (:mod:`mmlearn.data.cache`). Pair the ``text`` modality
 with the ``hf`` encoder (``pretrained: minilm``: the offline all-MiniLM-L6-v2, whose tokenizer is
-the default here) and ``image`` with ``cnn`` or ``resnet18``.
+the default here) and ``image`` with ``cnn`` or ``resnet18``. The records and images are your own
+(nothing fetches them); :func:`write_image_text` writes the layout in miniature.
 
 Multi-label tasks (MM-IMDb's genres) give ``label`` as a list: when any training record does, the
 data is multi-label (``multilabel`` is linked to the model: sigmoid heads, binary cross-entropy,
@@ -21,15 +22,34 @@ multi-hot targets ``[N, K]``), and every record's label must be a list (possibly
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse.typing import register_type
 from torch.utils.data import Dataset
 
 from mmlearn.data.cache import CachedDataModule, SplitPlan
+from mmlearn.data.paths import PathArg, resolve_config_path
 from mmlearn.errors import MMLearnError
+
+#: tokenizers known by name (any other value is a local directory)
+TOKENIZER_NAMES = ("minilm",)
+
+
+class TokenizerArg(str):
+    """``tokenizer``: a name from :data:`TOKENIZER_NAMES`, kept as it is, or a directory, read as
+    every path in a config is (relative to the file that contains it)."""
+
+
+def _tokenizer_arg(value: str | os.PathLike[str]) -> TokenizerArg:
+    text = os.fspath(value)
+    return TokenizerArg(text if text in TOKENIZER_NAMES else resolve_config_path(text))
+
+
+register_type(TokenizerArg, serializer=str, deserializer=_tokenizer_arg)
 
 # image path, text, label(s), "file:line" (for errors)
 Record = tuple[str, str, str | tuple[str, ...], str]
@@ -73,7 +93,7 @@ def load_tokenizer(name: str) -> Any:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
-class _Images(Dataset):
+class _Images(Dataset[dict[str, torch.Tensor]]):
     def __init__(self, folder: Path, records: list[Record], size: int) -> None:
         self.folder, self.records, self.size = folder, records, size
 
@@ -100,27 +120,31 @@ class ImageText(CachedDataModule):
 
     Args:
         name: the dataset folder under ``root``.
-        root: ``None``: ``$MMLEARN_DATA`` or ``./data``.
+        root: the data directory; ``None``: ``$MMLEARN_DATA`` or ``./data``. In a config,
+            relative to that file.
         image_key, text_key, label_key: the record keys.
         classes: label names in index order; ``None``: the sorted labels of ``train.jsonl``
             (saved in the run's config).
         image_size: side of the resized images.
-        tokenizer: ``minilm`` or a local tokenizer directory.
+        tokenizer: ``minilm`` or a local tokenizer directory (in a config, relative to that file).
         max_length: tokens per text (truncated / padded with 0).
         val_fraction: without ``val.jsonl``, this share of train (stratified, ``seed``).
         prepare_workers: processes decoding images when the cache is built.
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        seed: seed of the validation split and the shuffling (``None``: ``seed_everything``).
     """
 
     def __init__(
         self,
         name: str = "image-text",
-        root: str | None = None,
+        root: PathArg | None = None,
         image_key: str = "image",
         text_key: str = "text",
         label_key: str = "label",
         classes: list[str] | None = None,
         image_size: int = 224,
-        tokenizer: str = "minilm",
+        tokenizer: TokenizerArg | str = "minilm",
         max_length: int = 64,
         val_fraction: float = 0.1,
         prepare_workers: int = 2,
@@ -228,3 +252,49 @@ class ImageText(CachedDataModule):
                 {"text": ids.astype(np.int64), "labels": labels},
             )
         return plans
+
+
+# ---- the layout in miniature (tests, examples; the index is mmlearn.data.fixtures) ----------
+IMAGE_TEXT_CLASSES = ("pizza", "ramen", "salad")
+
+
+def write_image_text(
+    root: str | Path,
+    name: str = "image-text",
+    n_train: int = 36,
+    n_test: int = 12,
+    size: int = 40,
+    seed: int = 0,
+    multilabel: bool = False,
+) -> Path:
+    """``root/name/`` with ``{train,test}.jsonl`` and JPEGs: a UPMC-Food-101-style miniature.
+
+    Class ``c`` tints its image with its own colour and its caption names the dish. With
+    ``multilabel`` (MM-IMDb style) every other record also has the next dish, named in its caption
+    only, and ``label`` is a list.
+    """
+    from PIL import Image
+
+    out = Path(root) / name
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    words = ["tasty", "fresh", "homemade", "spicy", "warm"]
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = []
+        for i in range(n):
+            c = i % len(IMAGE_TEXT_CLASSES)
+            dish = IMAGE_TEXT_CLASSES[c]
+            colour = np.array([[200, 60, 40], [230, 200, 90], [60, 180, 70]][c])
+            pixels = np.clip(rng.integers(0, 70, size=(size, size, 3)) + colour * 0.7, 0, 255)
+            rel = f"images/{split}_{i:04d}.jpg"
+            Image.fromarray(pixels.astype(np.uint8)).save(out / rel, quality=90)
+            text = f"a {rng.choice(words)} plate of {dish}"
+            label: str | list[str] = dish
+            if multilabel:
+                label = [dish]
+                if i % 2 == 0:
+                    label.append(IMAGE_TEXT_CLASSES[(c + 1) % len(IMAGE_TEXT_CLASSES)])
+                    text += f" with {label[1]}"
+            lines.append(json.dumps({"image": rel, "text": text, "label": label}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out

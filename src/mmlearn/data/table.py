@@ -5,20 +5,24 @@ Reads CSV (header row), Parquet (``pip install pyarrow``) or NPZ (one array per 
 (``modalities``) or by prefix (``modality_prefixes``); the label column holds strings or
 integers. The class list is fixed when the data is first read and written into the run's
 ``config.yaml`` (``classes``), so ``mmlearn test``/``predict`` from that config map labels the same
-way and predictions are written with their class names.
+way and predictions are written with their class names. The file is your own: there is nothing
+to fetch (a missing file is an error naming ``data.path``). :func:`write_table` writes a
+miniature.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from mmlearn.data.base import SPLITS, MultimodalDataModule, Split, standardize, stratified_split
+from mmlearn.data.paths import PathArg
 from mmlearn.errors import MMLearnError
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -70,7 +74,7 @@ def read_columns(path: Path) -> dict[str, np.ndarray]:
     )
 
 
-def _column(values: list) -> np.ndarray:
+def _column(values: Sequence[Any]) -> np.ndarray:
     """Floats (missing -> NaN) when every present value is a number, else strings."""
     out = np.empty(len(values), dtype=np.float64)
     for i, v in enumerate(values):
@@ -88,7 +92,8 @@ class TableDataModule(MultimodalDataModule):
     """Multi-modal classification from one table file.
 
     Args:
-        path: ``.csv``/``.tsv`` (header row), ``.parquet`` or ``.npz``.
+        path: ``.csv``/``.tsv`` (header row), ``.parquet`` or ``.npz``; in a config, relative to
+            that file (on the command line, to the working directory).
         label_column: the column with the labels (strings or integers).
         modalities: modality name -> its columns, e.g. ``{clinical: [age, bmi], genes: [g1, g2]}``.
         modality_prefixes: modality name -> column prefix, e.g. ``{clinical: "clin_"}``
@@ -104,7 +109,7 @@ class TableDataModule(MultimodalDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: PathArg,
         label_column: str,
         modalities: dict[str, list[str]] | None = None,
         modality_prefixes: dict[str, str] | None = None,
@@ -274,7 +279,7 @@ def _label(v: object) -> str:
     return str(v).strip()
 
 
-def _natural(s: str) -> tuple:
+def _natural(s: str) -> tuple[int, float, str]:
     """Numbers in numeric order (2 before 10), then text."""
     try:
         return (0, float(s), "")
@@ -293,3 +298,53 @@ def _is_number(v: object) -> bool:
 def _some(cols: dict[str, np.ndarray]) -> str:
     names = list(cols)
     return str(names[:12])[:-1] + (f", ... ({len(names)} in all)]" if len(names) > 12 else "]")
+
+
+# ---- the layout in miniature (tests, examples; the index is mmlearn.data.fixtures) ----------
+TABLE_CLASSES = ("cat", "dog", "eel")
+
+
+def table_rows(n: int = 240, seed: int = 0) -> tuple[list[str], list[list[object]]]:
+    """Header and ``n`` rows: id, split, species (the label), clin_0..3, gene_0..2."""
+    rng = np.random.default_rng(seed)
+    header = [
+        "id",
+        "split",
+        "species",
+        *[f"clin_{j}" for j in range(4)],
+        *[f"gene_{j}" for j in range(3)],
+    ]
+    rows: list[list[object]] = []
+    for i in range(n):
+        y = int(rng.integers(len(TABLE_CLASSES)))
+        clin = rng.normal(size=4) + np.eye(4)[y] * 2.0
+        gene = rng.normal(size=3) * 0.5 + np.eye(3)[y] * 1.5
+        split = "train" if i % 10 < 7 else ("val" if i % 10 < 8 else "test")
+        rows.append([f"s{i}", split, TABLE_CLASSES[y], *clin.round(5), *gene.round(5)])
+    return header, rows
+
+
+def write_table(path: str | Path, n: int = 240, seed: int = 0) -> Path:
+    """Write :func:`table_rows` as CSV (``.csv``), Parquet (``.parquet``) or NPZ (``.npz``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(n, seed)
+    columns = {h: [r[j] for r in rows] for j, h in enumerate(header)}
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(columns), path)
+    elif path.suffix == ".npz":
+        arrays = {
+            k: np.asarray(v) for k, v in columns.items() if not k.startswith(("clin", "gene"))
+        }
+        arrays["clin"] = np.asarray([r[3:7] for r in rows], dtype=np.float64)  # 2-D: clin_0..3
+        arrays["gene"] = np.asarray([r[7:10] for r in rows], dtype=np.float64)
+        np.savez(str(path), **arrays)  # type: ignore[arg-type]
+    else:
+        raise ValueError(f"{path}: choose .csv, .parquet or .npz")
+    return path
