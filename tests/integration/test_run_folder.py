@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import wandb
 
 from mmlearn.cli import CHOICES, build_cli, check_choices, main
 from mmlearn.data import DATA_MODULES
@@ -35,10 +36,13 @@ def test_default_root_dir_decides_where_the_run_goes(
     monkeypatch.setenv("WANDB_MODE", "offline")
     root = tmp_path / "elsewhere"
     wandb_cfg = REPO / "experiments" / "_base" / "wandb.yaml"
-    main(
-        ["fit", "--model=InterOnly", *SYN, f"--config={wandb_cfg}"]
-        + [f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1", *QUIET]
-    )
+    try:
+        main(
+            ["fit", "--model=InterOnly", *SYN, f"--config={wandb_cfg}"]
+            + [f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1", *QUIET]
+        )
+    finally:
+        wandb.finish()  # a run left open would be reused by the next WandbLogger
     run = root / "SyntheticMultimodal" / "InterOnly" / "version_0"
     assert {"config.yaml", "metrics.csv", "checkpoints/last.ckpt"} <= _files(run)
     assert list((root / "wandb").glob("offline-run-*")), _files(root)

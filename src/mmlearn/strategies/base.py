@@ -387,9 +387,10 @@ def check_modalities(
 def impute_missing(batch: MultimodalBatch) -> dict[str, Tensor]:
     """Inputs with absent modalities replaced by zeros.
 
-    DataModules standardise features on the training split, so zero is the training mean of a
-    standardised modality: the "impute the training mean" protocol (docs/methods.md sections 1
-    and 8).
+    For modalities the DataModule standardises on the training split (mfeat, Fashion-MNIST,
+    MIMIC, tables) zero is the training mean, the "impute the training mean" protocol
+    (docs/methods.md sections 1 and 8); for the others (images scaled to [0, 1], token ids,
+    synthetic data) it is a plain zero input (docs/evaluation.md).
     """
     if batch.present is None:
         return batch.inputs

@@ -32,7 +32,8 @@ class I2M2(MultimodalModule):
             The joint expert loads the checkpoint's ``joint.*`` weights, a modality's expert its
             ``experts.<modality>.*`` weights; then everything is fine-tuned together.
         missing_joint: at inference with a modality missing, ``"impute"`` feeds the joint expert
-            zeros (the training mean) for it, ``"drop"`` removes the joint term for that sample.
+            zeros for it (the training mean of a standardised modality), ``"drop"`` removes the
+            joint term for that sample.
             The missing modality's unimodal term is always dropped.
         **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule`.
 

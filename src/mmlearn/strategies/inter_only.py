@@ -15,7 +15,7 @@ class InterOnly(MultimodalModule):
 
     ``z_J = h_J(F(phi_1(x_1), ..., phi_M(x_M)))``: the "inter-modality" baseline of I2M2
     (Madaan et al., NeurIPS 2024, section 3) and the usual late/intermediate fusion model. A
-    missing modality is imputed with zeros, the training mean of standardised inputs.
+    missing modality is imputed with zeros (the training mean of a standardised modality).
     One forward and one backward per step (the reference cost).
 
     Args: see :class:`~mmlearn.strategies.base.MultimodalModule`.
