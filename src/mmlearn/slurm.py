@@ -4,7 +4,9 @@ Three scripts, one job shape each: ``train`` (one config), ``array`` (one config
 array task per seed) and ``agent`` (W&B sweep agents). The header's resources are set from the
 options; one task per device, so ``--ntasks-per-node`` is the GPU count (Lightning reads
 ``trainer.devices`` and ``trainer.num_nodes`` back from Slurm inside the script). The filled-in
-script is kept beside the job's log under ``<runs>/slurm/``; ``--dry-run`` prints it instead.
+script is kept beside the job's log under ``<runs>/slurm/``; ``--dry-run`` writes it there too and
+prints it with the command that submits it (the same environment a real submission passes), but
+submits nothing.
 """
 
 from __future__ import annotations
@@ -71,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         help="root of the run folders (<runs>/slurm/<job>-<id>)",
     )
     p.add_argument("--templates", default="experiments/slurm", help="folder of the *.sbatch")
-    p.add_argument("--dry-run", action="store_true", help="print the script and command only")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write the script under <runs>/slurm/, print it and the sbatch command "
+        "that submits it; submit nothing",
+    )
     return p  # fmt: skip
 
 
@@ -124,15 +131,18 @@ def slurm_main(argv: Sequence[str]) -> int:
         job_args = [args.config, *accelerator, *fit_options]
     path = logs / f"{name}.sbatch"
     command = ["sbatch", "--parsable", str(path), *job_args]
-    if args.dry_run:
-        print(script + "\n# submit with:\n" + shlex.join(command))
-        return 0
-    if shutil.which("sbatch") is None:
+    job_env = {"MMLEARN_RUNS": args.runs, "MMLEARN_PYTHON": sys.executable}
+    if not args.dry_run and shutil.which("sbatch") is None:
         raise MMLearnError("sbatch not found on PATH: is this a Slurm login node? (--dry-run "
-                           "prints the script)")  # fmt: skip
+                           "writes and prints the script)")  # fmt: skip
     logs.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log folder
     path.write_text(script)
-    env = dict(os.environ, MMLEARN_RUNS=args.runs, MMLEARN_PYTHON=sys.executable)
+    if args.dry_run:
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in job_env.items())
+        print(script + f"\n# wrote {path} (not submitted); submit it with:\n"
+              + f"{prefix} {shlex.join(command)}")  # fmt: skip
+        return 0
+    env = dict(os.environ, **job_env)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise MMLearnError(f"sbatch {path} refused the job: {done.stderr.strip()}")

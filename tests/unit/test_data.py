@@ -268,3 +268,24 @@ def test_train_loader_resumes_mid_epoch_with_the_next_batch() -> None:
     other.load_state_dict(state)
     other.batch_sampler.sampler.set_epoch(1)
     assert len(list(other)) == 3
+
+
+class Predicting(Handmade):
+    """Handmade with the base's ``predict_split`` option."""
+
+    def __init__(self, splits: dict[str, Split], predict_split: str) -> None:
+        self.source = "handmade.npz"
+        MultimodalDataModule.__init__(self, batch_size=4, predict_split=predict_split)
+        self._given, self.k = splits, 3
+
+
+def test_predict_split_chooses_what_predict_serves_named_by_position() -> None:
+    splits = {"train": good(10), "val": good(5), "test": good(6)}
+    for name in ("train", "val", "test"):
+        dm = Predicting(splits, predict_split=name)
+        dm.setup("predict")
+        served = torch.cat([b.inputs["a"] for b in dm.predict_dataloader()])
+        assert torch.equal(served, splits[name].inputs["a"]), name  # in the split's order
+        assert dm.predict_ids() == [str(i) for i in range(len(splits[name].target))]
+    with pytest.raises(MMLearnError, match=r"handmade.npz: data.predict_split='dev'; expected"):
+        Predicting(splits, predict_split="dev")

@@ -4,6 +4,11 @@ A dataset family subclasses :class:`MultimodalDataModule` and implements :meth:`
 (returning arrays for ``train``/``val``/``test``). The base validates them (non-empty, matching
 sample counts, finite, labels in ``[0, K)``) with errors that name the split, modality, sample
 and source, and exposes what the model needs: ``modalities``, ``input_shapes``, ``num_classes``.
+
+``mmlearn predict`` serves :meth:`MultimodalDataModule.predict_data` (the ``predict_split``, the
+test split by default; a family may serve other samples, e.g. a table's ``predict_path``), whose
+labels may be unknown (target :data:`UNKNOWN`), and names each sample with
+:meth:`MultimodalDataModule.predict_ids`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from mmlearn.data.resumable import ResumableBatchSampler, ResumableDataLoader
 from mmlearn.errors import MMLearnError
 
 SPLITS = ("train", "val", "test")
+#: the target of a sample whose label is unknown (only in what ``mmlearn predict`` serves); a
+#: multi-label sample's unknown target is a row of ``UNKNOWN``.
+UNKNOWN = -1
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -79,18 +87,27 @@ class MultimodalDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (0: load in the main process; the data is in memory).
         seed: seed of the split and of the shuffling order; ``None`` follows ``seed_everything``
             (``$PL_GLOBAL_SEED``, 0 when unset), so one seed per run fixes everything.
+        predict_split: the split ``mmlearn predict`` serves: ``train``, ``val`` or ``test``.
     """
 
     #: what the data was read from, named in errors (a path, or a generator description).
     source: str = ""
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int | None = None,
+        predict_split: str = "test",
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise MMLearnError(f"data.batch_size={batch_size}; expected >= 1")
         if seed is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.predict_split = predict_split
+        self._check_predict_split()
         self._splits: dict[str, Split] | None = None
 
     # ---- what a dataset family implements --------------------------------------------------
@@ -139,50 +156,59 @@ class MultimodalDataModule(pl.LightningDataModule):
         for m in modalities:
             if not _NAME.match(m):
                 raise MMLearnError(f"{src}: modality name {m!r} must match {_NAME.pattern}")
-        k = self.num_classes
         for name in SPLITS:
-            split = splits[name]
-            n = int(split.target.shape[0])
-            if n == 0:
+            self._validate_split(name, splits[name], splits["train"])
+
+    def _validate_split(
+        self, name: str, split: Split, train: Split, unknown_ok: bool = False
+    ) -> None:
+        """Check one split against the training split; ``unknown_ok``: targets may be UNKNOWN."""
+        src = self.source or type(self).__name__
+        modalities = list(train.inputs)
+        k = self.num_classes
+        n = int(split.target.shape[0])
+        if n == 0:
+            raise MMLearnError(f"{src}: the {name!r} split is empty; expected at least 1 sample")
+        if list(split.inputs) != modalities:
+            raise MMLearnError(
+                f"{src}: split {name!r} has modalities {list(split.inputs)}, train has {modalities}"
+            )
+        if self.multilabel:
+            target = split.target
+            if unknown_ok and target.ndim == 2:
+                target = torch.where((target == UNKNOWN).all(1, keepdim=True), 0, target)
+            self._validate_multihot(target, name, k)
+        else:
+            if split.target.dtype != torch.int64:
                 raise MMLearnError(
-                    f"{src}: the {name!r} split is empty; expected at least 1 sample"
+                    f"{src}: {name} labels have dtype {split.target.dtype}; need int64"
                 )
-            if list(split.inputs) != modalities:
+            bad = (split.target < 0) | (split.target >= k)
+            if unknown_ok:
+                bad &= split.target != UNKNOWN
+            where = bad.nonzero()
+            if len(where):
+                i = int(where[0])
                 raise MMLearnError(
-                    f"{src}: split {name!r} has modalities {list(split.inputs)}, "
-                    f"train has {modalities}"
+                    f"{src}: {name} sample {i} has label {int(split.target[i])}, outside [0, {k})"
                 )
-            if self.multilabel:
-                self._validate_multihot(split.target, name, k)
-            else:
-                if split.target.dtype != torch.int64:
+        for m, x in split.inputs.items():
+            if x.shape[0] != n:
+                raise MMLearnError(
+                    f"{src}: {name} modality {m!r} has {x.shape[0]} samples, labels have {n}"
+                )
+            if torch.is_floating_point(x):
+                finite = torch.isfinite(x.reshape(n, -1)).all(1)
+                if not finite.all():
+                    i = int((~finite).nonzero()[0])
                     raise MMLearnError(
-                        f"{src}: {name} labels have dtype {split.target.dtype}; need int64"
+                        f"{src}: {name} modality {m!r} sample {i} has NaN or inf features"
                     )
-                bad = ((split.target < 0) | (split.target >= k)).nonzero()
-                if len(bad):
-                    i = int(bad[0])
-                    raise MMLearnError(
-                        f"{src}: {name} sample {i} has label {int(split.target[i])}, "
-                        f"outside [0, {k})"
-                    )
-            for m, x in split.inputs.items():
-                if x.shape[0] != n:
-                    raise MMLearnError(
-                        f"{src}: {name} modality {m!r} has {x.shape[0]} samples, labels have {n}"
-                    )
-                if torch.is_floating_point(x):
-                    finite = torch.isfinite(x.reshape(n, -1)).all(1)
-                    if not finite.all():
-                        i = int((~finite).nonzero()[0])
-                        raise MMLearnError(
-                            f"{src}: {name} modality {m!r} sample {i} has NaN or inf features"
-                        )
-                if list(x.shape[1:]) != list(splits["train"].inputs[m].shape[1:]):
-                    raise MMLearnError(
-                        f"{src}: {name} modality {m!r} has sample shape {list(x.shape[1:])}, "
-                        f"train has {list(splits['train'].inputs[m].shape[1:])}"
-                    )
+            if list(x.shape[1:]) != list(train.inputs[m].shape[1:]):
+                raise MMLearnError(
+                    f"{src}: {name} modality {m!r} has sample shape {list(x.shape[1:])}, "
+                    f"train has {list(train.inputs[m].shape[1:])}"
+                )
 
     def _validate_multihot(self, target: Tensor, name: str, k: int) -> None:
         src = self.source or type(self).__name__
@@ -198,12 +224,42 @@ class MultimodalDataModule(pl.LightningDataModule):
                 f"{src}: {name} sample {i} has target {target[i].tolist()}; expected 0/1 per label"
             )
 
+    # ---- what `mmlearn predict` serves -------------------------------------------------------
+    def _check_predict_split(self) -> str:
+        if self.predict_split not in SPLITS:
+            raise MMLearnError(
+                f"{self.source or type(self).__name__}: data.predict_split="
+                f"{self.predict_split!r}; expected one of {list(SPLITS)}"
+            )
+        return self.predict_split
+
+    def predict_data(self) -> Split:
+        """The samples ``mmlearn predict`` serves, in order: the ``predict_split`` split.
+
+        A family may serve other samples (a table's ``predict_path``); their targets may be
+        :data:`UNKNOWN`. Check them with ``_validate_split(..., unknown_ok=True)``.
+        """
+        return self.splits[self._check_predict_split()]
+
+    def predict_ids(self) -> list[str]:
+        """One name per sample of :meth:`predict_data`, in order (``predictions.csv``'s ``id``).
+
+        The base: the sample's index in the split. A family with names of its own (a table's id
+        column or row numbers) overrides this.
+        """
+        return [str(i) for i in range(int(self.predict_data().target.shape[0]))]
+
     # ---- Lightning hooks -------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         _ = self.splits  # load and validate before any training step
+        if stage == "predict":  # before any prediction: a bad predict file or id column
+            _ = self.predict_ids()
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
-        ds = SplitDataset(self.splits[name])
+        return self._split_loader(self.splits[name], shuffle)
+
+    def _split_loader(self, split: Split, shuffle: bool) -> DataLoader[Any]:
+        ds = SplitDataset(split)
         # resumable mid-epoch (a preempted job continues with the very next batch)
         sampler = EpochSeededSampler(len(ds), self.seed, shuffle)
         return ResumableDataLoader(
@@ -224,7 +280,7 @@ class MultimodalDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader[Any]:
-        return self._loader("test", shuffle=False)
+        return self._split_loader(self.predict_data(), shuffle=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Compact storage to float32, on the device: uint8 -> ``x / 255``, float16 -> float32.

@@ -8,6 +8,11 @@ integers. The class list is fixed when the data is first read and written into t
 way and predictions are written with their class names. The file is your own: there is nothing
 to fetch (a missing file is an error naming ``data.path``). :func:`write_table` writes a
 miniature.
+
+``mmlearn predict`` serves the ``predict_split`` (the test split by default) or, with
+``predict_path``, another file with the same feature columns, whose labels may be absent (a
+file to label); it is standardised and imputed with the training split's statistics. Each
+prediction is named by the row's ``id_column`` value, or by its row number in the file.
 """
 
 from __future__ import annotations
@@ -21,10 +26,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mmlearn.data.base import SPLITS, MultimodalDataModule, Split, standardize, stratified_split
+from mmlearn.data.base import (
+    SPLITS,
+    UNKNOWN,
+    MultimodalDataModule,
+    Split,
+    standardize,
+    stratified_split,
+)
 from mmlearn.data.paths import PathArg
 from mmlearn.errors import MMLearnError
 
+DEFAULT_ID = "id"
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MISSING = {"", "na", "nan", "null", "none", "?"}
 
@@ -34,6 +47,7 @@ def read_columns(path: Path) -> dict[str, np.ndarray]:
     suffix = path.suffix.lower()
     if suffix == ".npz":
         cols: dict[str, np.ndarray] = {}
+        names: list[str] = []
         with np.load(path, allow_pickle=False) as z:
             for key in z.files:
                 arr = z[key]
@@ -46,6 +60,8 @@ def read_columns(path: Path) -> dict[str, np.ndarray]:
                         f"{path}: array {key!r} has shape {arr.shape}; expected 1-D "
                         "(a column) or 2-D [N, D] (D columns)"
                     )
+                names += [key] if arr.ndim == 1 else [f"{key}_{j}" for j in range(arr.shape[1])]
+        _refuse_duplicates(path, names, " (a 2-D array K of D columns is K_0..K_{D-1})")
         return cols
     if suffix in (".parquet", ".pq"):
         try:
@@ -54,6 +70,7 @@ def read_columns(path: Path) -> dict[str, np.ndarray]:
             raise MMLearnError(
                 f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
             ) from e
+        _refuse_duplicates(path, list(pq.read_schema(path).names))
         table = pq.read_table(path).to_pydict()
         return {k: _column(v) for k, v in table.items()}
     if suffix in (".csv", ".tsv", ".txt"):
@@ -62,6 +79,7 @@ def read_columns(path: Path) -> dict[str, np.ndarray]:
             header = next(reader, None)
             if not header:
                 raise MMLearnError(f"{path}: empty file; expected a header row of column names")
+            _refuse_duplicates(path, header)
             rows = list(reader)
         for i, row in enumerate(rows):
             if len(row) != len(header):
@@ -72,6 +90,22 @@ def read_columns(path: Path) -> dict[str, np.ndarray]:
     raise MMLearnError(
         f"{path}: unknown table format {suffix!r}; expected .csv, .tsv, .parquet or .npz"
     )
+
+
+def _refuse_duplicates(path: Path, names: Sequence[str], hint: str = "") -> None:
+    """Refuse a table in which a column name occurs more than once (a dict would keep one)."""
+    seen: set[str] = set()
+    dups: list[str] = []
+    for name in names:
+        if name in seen and name not in dups:
+            dups.append(name)
+        seen.add(name)
+    if dups:
+        counts = ", ".join(f"{d!r} ({list(names).count(d)} times)" for d in dups)
+        raise MMLearnError(
+            f"{path}: duplicated column names {counts}{hint}; every column needs its own name "
+            "(rename the copies, or drop them)"
+        )
 
 
 def _column(values: Sequence[Any]) -> np.ndarray:
@@ -105,6 +139,15 @@ class TableDataModule(MultimodalDataModule):
         standardize: standardise every feature with train mean/std (fitted on train only).
         missing: a missing feature value (empty, NaN, ``NA``...): ``error`` (names the row and
             column), ``mean`` (train mean of the column), ``zero``, or ``drop`` (the row).
+        predict_split: the split ``mmlearn predict`` serves (``train``, ``val`` or ``test``),
+            when there is no ``predict_path``.
+        predict_path: a table file (like ``path``) that ``mmlearn predict`` serves instead: the
+            same feature columns; the label column is optional (absent, or an empty cell: the
+            target is unknown); no split column needed. Imputed (``missing``) and standardised
+            with the statistics of ``path``'s training split.
+        id_column: the column that names each row in ``predictions.csv``; ``id`` by default, and
+            then only when the file has one; without it (or with ``null``) a row is named by its
+            row number in the file (0: the first row after the header).
     """
 
     def __init__(
@@ -119,11 +162,17 @@ class TableDataModule(MultimodalDataModule):
         classes: list[str] | None = None,
         standardize: bool = True,
         missing: Literal["error", "mean", "zero", "drop"] = "error",
+        predict_split: str = "test",
+        predict_path: PathArg | None = None,
+        id_column: str | None = DEFAULT_ID,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        self.source = str(path)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         if (modalities is None) == (modality_prefixes is None):
             raise MMLearnError(
                 "TableDataModule: give data.modalities (name -> columns) or "
@@ -135,8 +184,12 @@ class TableDataModule(MultimodalDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.classes = [str(c) for c in classes] if classes is not None else None
         self.do_standardize, self.missing = standardize, missing
+        self.predict_path = Path(predict_path) if predict_path is not None else None
+        self.id_column = id_column
         self.source = str(self.path)
         self._columns: dict[str, np.ndarray] | None = None
+        self._rows: dict[str, torch.Tensor] | None = None  # file rows of each split
+        self._predict: tuple[Split, list[str]] | None = None  # predict_path: samples, ids
 
     # ---- reading -----------------------------------------------------------------------------
     @property
@@ -155,6 +208,21 @@ class TableDataModule(MultimodalDataModule):
                     {_label(v) for v in self._columns[self.label_column]}, key=_natural
                 )
                 self.classes = [c for c in self.classes if c != ""]
+                if len(self.classes) < 2:
+                    what = (
+                        f"a single class, {self.classes[0]!r}"
+                        if self.classes
+                        else "no labels (every cell is empty)"
+                    )
+                    raise MMLearnError(
+                        f"{self.path}: label column {self.label_column!r} has {what}; "
+                        "classification needs at least 2 classes (is this the label column?)"
+                    )
+            elif len(self.classes) < 2:
+                raise MMLearnError(
+                    f"{self.path}: data.classes={self.classes} for label column "
+                    f"{self.label_column!r}; classification needs at least 2 classes"
+                )
         return self._columns
 
     def groups(self) -> dict[str, list[str]]:
@@ -187,14 +255,7 @@ class TableDataModule(MultimodalDataModule):
                     f"{self.path}: modality {m!r} includes {sorted(clash)}, the "
                     "label or split column"
                 )
-            text = [c for c in names if cols[c].dtype.kind not in "fiub"]
-            if text:
-                c = text[0]
-                bad = next(i for i, v in enumerate(cols[c]) if not _is_number(v))
-                raise MMLearnError(
-                    f"{self.path}: column {c!r} (modality {m!r}) row {bad} holds "
-                    f"{str(cols[c][bad])!r}; features must be numbers"
-                )
+            _check_numbers(self.path, cols, m, names)
         return groups
 
     @property
@@ -205,46 +266,139 @@ class TableDataModule(MultimodalDataModule):
 
     # ---- splits ------------------------------------------------------------------------------
     def load_splits(self) -> dict[str, Split]:
-        cols, groups = self.columns, self.groups()
+        splits, _ = self._raw_splits()
+        if self.do_standardize:
+            standardize(splits)
+        return splits
+
+    def _targets(self, path: Path, cols: dict[str, np.ndarray], unknown_ok: bool) -> torch.Tensor:
+        """Class indices of the label column; ``unknown_ok``: an empty cell is UNKNOWN."""
         assert self.classes is not None
         index = {c: i for i, c in enumerate(self.classes)}
+        if unknown_ok:
+            index[""] = UNKNOWN
         labels = [_label(v) for v in cols[self.label_column]]
         for row, lab in enumerate(labels):
             if lab not in index:
                 what = "no label" if lab == "" else f"label {lab!r}"
                 raise MMLearnError(
-                    f"{self.path}: row {row} has {what}; known classes: {self.classes[:20]}"
+                    f"{path}: row {row} has {what}; known classes: {self.classes[:20]}"
                 )
-        target = torch.tensor([index[lab] for lab in labels], dtype=torch.int64)
+        return torch.tensor([index[lab] for lab in labels], dtype=torch.int64)
+
+    def _features(
+        self, path: Path, cols: dict[str, np.ndarray], groups: dict[str, list[str]]
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Modality -> ``[N, D]`` float32 (missing: NaN), and the rows ``missing`` keeps."""
         inputs = {
             m: torch.from_numpy(np.stack([cols[c].astype(np.float64) for c in names], 1)).float()
             for m, names in groups.items()
         }
-        keep = torch.ones(len(target), dtype=torch.bool)
+        n = len(next(iter(cols.values()))) if cols else 0
+        keep = torch.ones(n, dtype=torch.bool)
         for m, x in inputs.items():
             bad = ~torch.isfinite(x)
             if bad.any() and self.missing == "error":
                 row, j = (int(v) for v in bad.nonzero()[0])
                 raise MMLearnError(
-                    f"{self.path}: row {row}, column {groups[m][j]!r} (modality "
+                    f"{path}: row {row}, column {groups[m][j]!r} (modality "
                     f"{m!r}) is missing or not finite; set data.missing to mean, "
                     "zero or drop"
                 )
             if self.missing == "drop":
                 keep &= ~bad.any(1)
+        return inputs, keep
+
+    def _fill(self, split: Split, fills: dict[str, torch.Tensor]) -> None:
+        for m, fill in fills.items():
+            x = split.inputs[m]
+            split.inputs[m] = torch.where(torch.isfinite(x), x, fill)
+
+    def _raw_splits(self) -> tuple[dict[str, Split], dict[str, torch.Tensor]]:
+        """The splits before standardisation, and the fill values of ``missing`` (mean/zero)."""
+        cols, groups = self.columns, self.groups()
+        target = self._targets(self.path, cols, unknown_ok=False)
+        inputs, keep = self._features(self.path, cols, groups)
         idx = self._split_indices(target, keep)
+        self._rows = idx
         splits = {s: Split({m: x[i] for m, x in inputs.items()}, target[i]) for s, i in idx.items()}
+        fills: dict[str, torch.Tensor] = {}
         if self.missing in ("mean", "zero"):
             for m in inputs:
                 train = splits["train"].inputs[m]
                 fill = torch.nanmean(torch.where(torch.isfinite(train), train, torch.nan), 0)
-                fill = torch.nan_to_num(fill) if self.missing == "mean" else torch.zeros_like(fill)
-                for split in splits.values():
-                    x = split.inputs[m]
-                    split.inputs[m] = torch.where(torch.isfinite(x), x, fill)
+                fills[m] = (
+                    torch.nan_to_num(fill) if self.missing == "mean" else torch.zeros_like(fill)
+                )
+            for split in splits.values():
+                self._fill(split, fills)
+        return splits, fills
+
+    # ---- what `mmlearn predict` serves --------------------------------------------------------
+    def predict_data(self) -> Split:
+        if self.predict_path is None:
+            return super().predict_data()
+        return self._predict_file()[0]
+
+    def predict_ids(self) -> list[str]:
+        """The id column's value of each predicted row, else its row number in the file."""
+        if self.predict_path is not None:
+            return self._predict_file()[1]
+        split = self._check_predict_split()
+        _ = self.splits
+        assert self._rows is not None
+        return self._ids(self.path, self.columns, self._rows[split])
+
+    def _ids(self, path: Path, cols: dict[str, np.ndarray], rows: torch.Tensor) -> list[str]:
+        column = self.id_column
+        if column is not None and column not in cols:
+            if column != DEFAULT_ID:
+                raise MMLearnError(
+                    f"{path}: no id column {column!r} (data.id_column); columns: {_some(cols)}"
+                )
+            column = None
+        if column is None:
+            return [str(int(r)) for r in rows]
+        values = cols[column]
+        return [_label(values[int(r)]) for r in rows]
+
+    def _predict_file(self) -> tuple[Split, list[str]]:
+        """``predict_path`` read with the feature columns of ``path``, imputed and standardised
+        with ``path``'s training statistics; its ids."""
+        if self._predict is not None:
+            return self._predict
+        path = self.predict_path
+        assert path is not None
+        if not path.is_file():
+            raise FileNotFoundError(f"TableDataModule: data.predict_path {str(path)!r} not found")
+        groups = self.groups()  # the columns of the training file
+        cols = read_columns(path)
+        for m, names in groups.items():
+            absent = [c for c in names if c not in cols]
+            if absent:
+                raise MMLearnError(
+                    f"{path} (data.predict_path): no columns {absent} of modality {m!r}, which "
+                    f"{self.path} has; columns: {_some(cols)}"
+                )
+            _check_numbers(path, cols, m, names)
+        n = len(next(iter(cols.values())))
+        if self.label_column in cols:
+            target = self._targets(path, cols, unknown_ok=True)
+        else:  # a file to label
+            target = torch.full((n,), UNKNOWN, dtype=torch.int64)
+        inputs, keep = self._features(path, cols, groups)
+        rows = keep.nonzero().flatten()
+        if len(rows) == 0:
+            what = "has no rows" if n == 0 else f"has no row left after data.missing={self.missing}"
+            raise MMLearnError(f"{path} (data.predict_path) {what}; nothing to predict")
+        split = Split({m: x[rows] for m, x in inputs.items()}, target[rows])
+        train, fills = self._raw_splits()
+        self._fill(split, fills)
         if self.do_standardize:
-            standardize(splits)
-        return splits
+            standardize({"train": train["train"], "predict": split})
+        self._validate_split(f"predict ({path})", split, self.splits["train"], unknown_ok=True)
+        self._predict = (split, self._ids(path, cols, rows))
+        return self._predict
 
     def _split_indices(self, target: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.split_column is None:
@@ -270,6 +424,18 @@ class TableDataModule(MultimodalDataModule):
             )
             for s in SPLITS
         }
+
+
+def _check_numbers(path: Path, cols: dict[str, np.ndarray], m: str, names: list[str]) -> None:
+    """Refuse a feature column of text, naming the first row that is not a number."""
+    text = [c for c in names if cols[c].dtype.kind not in "fiub"]
+    if text:
+        c = text[0]
+        bad = next(i for i, v in enumerate(cols[c]) if not _is_number(v))
+        raise MMLearnError(
+            f"{path}: column {c!r} (modality {m!r}) row {bad} holds "
+            f"{str(cols[c][bad])!r}; features must be numbers"
+        )
 
 
 def _label(v: object) -> str:
