@@ -215,8 +215,11 @@ class AudioVisualClips(CachedDataModule):
         batch_size: int = 64,
         num_workers: int = 2,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(name, root, val_fraction, prepare_workers, batch_size, num_workers, seed)
+        super().__init__(
+            name, root, val_fraction, prepare_workers, batch_size, num_workers, seed, predict_split
+        )
         self.decoder = ClipDecoder(
             self.folder,
             frames_dir,

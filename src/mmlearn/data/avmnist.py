@@ -134,8 +134,11 @@ class AVMNIST(MultimodalDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         self.folder = default_root(root) / "avmnist"
         self.val_size, self.limit_train = val_size, limit_train
         self.source = str(self.folder)

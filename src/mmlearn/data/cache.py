@@ -58,8 +58,11 @@ class CachedDataModule(MultimodalDataModule):
         batch_size: int,
         num_workers: int,
         seed: int | None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         self.folder = default_root(root) / name
         self.cache = self.folder / "cache"
         self.val_fraction, self.prepare_workers = val_fraction, prepare_workers

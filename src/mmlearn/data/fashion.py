@@ -132,8 +132,11 @@ class FashionMNISTViews(MultimodalDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         if layout not in LAYOUTS:
             raise MMLearnError(f"FashionMNISTViews.layout={layout!r}; expected {sorted(LAYOUTS)}")
         self.layout, self.val_fraction = layout, val_fraction

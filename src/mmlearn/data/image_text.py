@@ -151,8 +151,11 @@ class ImageText(CachedDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(name, root, val_fraction, prepare_workers, batch_size, num_workers, seed)
+        super().__init__(
+            name, root, val_fraction, prepare_workers, batch_size, num_workers, seed, predict_split
+        )
         self.keys = (image_key, text_key, label_key)
         self.classes = list(classes) if classes is not None else None
         self.image_size, self.tokenizer, self.max_length = image_size, tokenizer, max_length

@@ -67,8 +67,11 @@ class MultipleFeatures(MultimodalDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         self.views = list(views) if views is not None else list(VIEWS)
         unknown = [v for v in self.views if v not in VIEWS]
         if unknown or not self.views or len(set(self.views)) != len(self.views):

@@ -81,8 +81,11 @@ class MIMIC(MultimodalDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         if not -1 <= task <= 19:
             raise MMLearnError(f"MIMIC.task={task}; expected -1 (mortality) or 0..19 (ICD-9 group)")
         self.path = Path(path) if path is not None else default_root() / "mimic" / "im.pk"

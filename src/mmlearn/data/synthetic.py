@@ -62,8 +62,11 @@ class SyntheticMultimodal(MultimodalDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
+        predict_split: str = "test",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
+        super().__init__(
+            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+        )
         if num_modalities < 1 or num_classes < 2:
             raise MMLearnError(
                 f"SyntheticMultimodal: num_modalities={num_modalities}, num_classes={num_classes}; "
