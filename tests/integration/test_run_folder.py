@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 import wandb
 
 from mmlearn.cli import CHOICES, build_cli, check_choices, main
-from mmlearn.data import DATA_MODULES
+from mmlearn.data import DATA_MODULES, MultimodalDataModule
 from mmlearn.errors import MMLearnError
 from mmlearn.run_folder import DEFAULT_MAX_EPOCHS
 from mmlearn.strategies import STRATEGIES
@@ -107,8 +108,11 @@ def test_a_strategy_file_and_a_full_class_path_are_accepted(tmp_path: Path) -> N
 
 def test_the_cli_chooses_from_the_registries_the_tests_use() -> None:
     assert CHOICES["model"][0] is STRATEGIES and CHOICES["data"][0] is DATA_MODULES
+    base = set(inspect.signature(MultimodalDataModule.__init__).parameters) - {"self"}
     for name, cls in DATA_MODULES.items():
         assert cls.__name__ == name and not getattr(cls, "__abstractmethods__", None)
+        # every base option (batch_size, num_workers, seed, predict_split) reaches the CLI
+        assert base <= set(inspect.signature(cls.__init__).parameters), name
 
 
 def test_choices_inside_a_config_are_read_relative_to_it(tmp_path: Path) -> None:
