@@ -32,7 +32,7 @@ data: $(DATA)/mfeat/mfeat-pix  ## fetch and unpack the UCI Multiple Features dat
 DEMO := inter_only intra_only i2m2 mimo bogc mgda
 demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print the table
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m mmlearn compare \
-		$(foreach s,$(DEMO),experiments/mfeat/$(s).yaml) --seeds 0 1 2 --out runs/demo
+		$(foreach s,$(DEMO),experiments/mfeat/$(s).yaml) --seeds 0 1 2 --out runs/demo --overwrite
 
 test: install data  ## type-check src/ (mypy), then run the test suite (PYTEST_ARGS=... to select)
 	$(VENV)/bin/mypy

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from mmlearn.errors import MMLearnError
+from mmlearn.errors import MMLearnError, is_int
 
 
 class Fusion(nn.Module):
@@ -24,6 +24,16 @@ class Fusion(nn.Module):
         self, in_dims: Mapping[str, int], out_dim: int | None = None, rank: int = 4
     ) -> None:
         super().__init__()
+        name = type(self).__name__
+        if not in_dims:
+            raise MMLearnError(f"{name}: no modalities to fuse; expected at least one feature size")
+        bad = {m: d for m, d in in_dims.items() if not is_int(d, 1)}
+        if bad:
+            raise MMLearnError(f"{name}: feature sizes {bad}; expected integers >= 1")
+        if out_dim is not None and not is_int(out_dim, 1):
+            raise MMLearnError(f"{name}: out_dim={out_dim!r}; expected an integer >= 1 (or null)")
+        if not is_int(rank, 1):
+            raise MMLearnError(f"{name}: rank={rank!r}; expected an integer >= 1")
         self.modalities = list(in_dims)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from mmlearn.errors import MMLearnError, is_int, is_probability
 from mmlearn.likelihood import likelihood
 
 
@@ -17,7 +18,14 @@ def make_head(
 
     A hidden layer after a concat fusion is what lets a joint model represent interactions across
     modalities (a linear head on ``cat(f_1, f_2)`` is additive in the modalities).
+
+    Raises:
+        MMLearnError: ``hidden < 0`` or ``dropout`` outside ``[0, 1)``.
     """
+    if hidden is not None and not is_int(hidden, 0):
+        raise MMLearnError(f"head: hidden={hidden!r}; expected a width >= 1 (null or 0: linear)")
+    if not is_probability(dropout):
+        raise MMLearnError(f"head: dropout={dropout!r}; expected a probability in [0, 1)")
     if not hidden:
         return nn.Linear(in_dim, num_classes)
     return nn.Sequential(

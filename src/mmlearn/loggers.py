@@ -2,8 +2,10 @@
 
 Lightning's CSV writer removes an existing ``metrics.csv`` when its version folder is reused (a
 resumed or requeued run, or a mistyped ``version``). Ours appends to it instead: earlier rows stay,
-and the header grows when new keys appear. The W&B logger goes offline by itself when there is no
-account and continues the same W&B run when Slurm requeues a job.
+and the header grows when new keys appear. A resumed run first drops the rows an interrupted run
+logged after its checkpoint (:meth:`CSVLogger.drop_rows_from`), so the file holds one history with
+every step once. The W&B logger goes offline by itself when there is no account and continues the
+same W&B run when Slurm requeues a job.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlparse
 
@@ -18,6 +21,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from mmlearn.run_folder import DEFAULT_ROOT
 
@@ -63,6 +67,43 @@ class CSVLogger(_LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
+
+    @rank_zero_only
+    def drop_rows_from(self, step: int) -> None:
+        """Forget every training or validation row of ``metrics.csv`` logged at ``step`` or later.
+
+        A run resumed from a checkpoint logs those steps again: the rows its interrupted
+        predecessor wrote after the checkpoint (before it was stopped) would be listed twice, and
+        with other values. ``step=0`` empties the history (a run that starts over). Test rows
+        (``--test_after_fit``) stay: each is the evaluation of a checkpoint that still exists.
+
+        Args:
+            step: the first step the resumed run logs (the checkpoint's ``next log step``).
+        """
+
+        def kept(row: Mapping[str, object]) -> bool:
+            metrics = [
+                k for k, v in row.items() if k not in ("epoch", "step") and v not in ("", None)
+            ]
+            if metrics and all(k.startswith("test/") for k in metrics):
+                return True
+            return row.get("step") in ("", None) or int(float(str(row["step"]))) < step
+
+        writer = self.experiment
+        writer.metrics = [m for m in writer.metrics if kept(m)]
+        path = writer.metrics_file_path
+        if not self._fs.isfile(path):
+            return
+        with self._fs.open(path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = list(reader.fieldnames or []), list(reader)
+        kept_rows = [r for r in rows if kept(r)]
+        if len(kept_rows) == len(rows):
+            return
+        with self._fs.open(path, "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=fields)
+            out.writeheader()
+            out.writerows(kept_rows)
 
 
 def wandb_credentials() -> bool:

@@ -109,7 +109,7 @@ def test_run_dir_holds_config_and_checkpoints_and_test_reproduces(run_cli) -> No
     metrics = {k: float(v) for k, v in again.trainer.callback_metrics.items()}
     for key in ("test/acc", "test/f1", "test/acc/m0", "test/acc/m1", "test/loss"):
         assert metrics[key] == pytest.approx(fit_metrics[key], abs=1e-7), key
-    assert Path(again.trainer.log_dir) != run  # the test run got its own directory
+    assert Path(again.trainer.log_dir) != run  # the test run logs to RUN/test, inside the run
     pred = run_cli("predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(best))
     rows = list(csv.DictReader(open(Path(pred.trainer.log_dir) / "predictions.csv")))
     assert len(rows) == 128

@@ -80,7 +80,23 @@ def test_wandb_base_config_logs_an_offline_run(no_account, tmp_path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_requeued_run_may_rewrite_its_identical_config_but_not_another(tmp_path) -> None:
+#: what Slurm sets in a job it has requeued once (SLURM_RESTART_COUNT >= 1)
+SLURM_REQUEUED = {
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_JOB_NAME": "mmlearn-run",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_RESTART_COUNT": "1",
+}
+
+
+def test_requeued_run_may_rewrite_its_identical_config_but_not_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = [
         "fit",
         "--config",
@@ -90,8 +106,13 @@ def test_requeued_run_may_rewrite_its_identical_config_but_not_another(tmp_path)
         *QUIET,
     ]
     build_cli(args)
-    build_cli(args)  # the same job again (a Slurm requeue): allowed, nothing lost
-    with pytest.raises(RuntimeError, match="NOT exist"):
+    with pytest.raises(RuntimeError, match=r"already holds a trained run.*--ckpt_path"):
+        build_cli(args)  # the same command outside Slurm: refused, and says how to resume
+    for key, value in SLURM_REQUEUED.items():
+        monkeypatch.setenv(key, value)
+    again = build_cli(args)  # the same job requeued by Slurm: resumed, nothing lost
+    assert again.trainer.ckpt_path == str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(RuntimeError, match=r"model.init_args.embed_dim \(64 there, 8 here\)"):
         build_cli([*args, "--model.init_args.embed_dim=8"])
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["embed_dim"] == 64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -51,3 +53,31 @@ def test_lrtf_equals_its_formula() -> None:
     both = {**f0, "a": f["a"], "b": f["b"]}
     additive = fus(only_a) + fus(only_b) - fus(f0)
     assert not torch.allclose(fus(both), additive, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "dims", "kwargs", "message"),
+    [
+        ("lrtf", {"a": 4}, {"rank": 0}, "LowRankTensorFusion: rank=0; expected an integer >= 1"),
+        (
+            "lrtf",
+            {"a": 4},
+            {"out_dim": 0},
+            "LowRankTensorFusion: out_dim=0; expected an integer >= 1 (or null)",
+        ),
+        (
+            "concat",
+            {"a": 4, "b": 0},
+            {},
+            "ConcatFusion: feature sizes {'b': 0}; expected integers >= 1",
+        ),
+        ("sum", {}, {}, "SumFusion: no modalities to fuse; expected at least one feature size"),
+    ],
+)
+def test_fusions_refuse_bad_sizes(
+    name: str, dims: dict[str, int], kwargs: dict[str, int], message: str
+) -> None:
+    with pytest.raises(MMLearnError, match="^" + re.escape(message) + "$"):
+        build_fusion(name, dims, **kwargs)
+    # the smallest good sizes build
+    assert build_fusion("lrtf", {"a": 1}, out_dim=1, rank=1).out_dim == 1

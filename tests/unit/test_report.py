@@ -123,3 +123,43 @@ def test_a_strategy_without_shared_seeds_says_no_pairs() -> None:
     )
     c_row = [cell.strip() for cell in lines[5].strip("|").split("|")]
     assert c_row[0] == "C" and c_row[4:] == ["no pairs", "", ""]
+
+
+def test_a_strategy_without_a_metric_is_a_row_of_na() -> None:
+    runs = rows(A=A, B=B)
+    runs += [{"strategy": "B", "seed": seed, "test/acc/m0": v} for seed, v in enumerate(A)]
+    summary = summarise(runs, ["test/acc", "test/acc/m0"], baseline="A")
+    assert ("A", "test/acc/m0") not in {(e["strategy"], e["metric"]) for e in summary}
+    text = markdown_table(summary, "A", strategies=["A", "B", "C"])
+    acc, m0 = text.split("\n\n**test/acc/m0**")
+    assert acc.splitlines()[4].startswith("| A | 3 | 0.9200 ± 0.0200 |")
+    assert acc.splitlines()[6] == "| C | 0 | n/a | n/a | n/a |  |  |"  # C: no run finished
+    lines = m0.splitlines()
+    assert lines[4] == "| A | 0 | n/a | n/a | n/a |  |  |"  # the baseline lacks it: no pairs
+    assert lines[5].startswith("| B | 3 | 0.9200 ± 0.0200 |") and "| no pairs |" in lines[5]
+    assert lines[6] == "| C | 0 | n/a | n/a | n/a |  |  |" and len(lines) == 7
+    # the strategies default to those of the summary; a strategy it has is never dropped
+    assert markdown_table(summary, "A").count("\n| ") == 3 + 3  # header, A, B per table
+    assert "| B | 3 |" in markdown_table(summary, "A", strategies=["A"])
+
+
+def test_a_metric_no_strategy_has_is_a_table_of_na() -> None:
+    summary = summarise(rows(A=A, B=B), ["test/acc", "test/acc/pix"], baseline="A")
+    text = markdown_table(summary, "A", metrics=["test/acc", "test/acc/pix"])
+    acc, pix = text.split("\n\n**test/acc/pix**")
+    assert acc.count("\n| ") == 3 and pix.startswith(" (mean ± std")
+    assert pix.splitlines()[4:] == [
+        "| A | 0 | n/a | n/a | n/a |  |  |",
+        "| B | 0 | n/a | n/a | n/a |  |  |",
+    ]
+
+
+def test_plot_leaves_out_what_a_strategy_did_not_measure(tmp_path) -> None:
+    from mmlearn.evaluation.report import plot
+
+    runs = rows(A=A, B=B) + [{"strategy": "B", "seed": 0, "test/acc/m0": 0.7}]
+    summary = summarise(runs, ["test/acc", "test/acc/m0"], baseline="A")
+    path = tmp_path / "p.png"
+    assert plot(runs, summary, path, strategies=["A", "B", "C"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot([], [], tmp_path / "none.png") and not (tmp_path / "none.png").exists()

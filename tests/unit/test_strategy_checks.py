@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from helpers import fit_recording_warnings  # noqa: I001  (tests/helpers.py)
 from mmlearn.batch import MultimodalBatch
 from mmlearn.data import SyntheticMultimodal
+from mmlearn.encoders import build_encoder
 from mmlearn.errors import MMLearnError
 from mmlearn.gradients import MGDA, BOGCCalibration, Sum
 from mmlearn.heads import all_present, make_head, product_of_experts
@@ -245,6 +246,155 @@ def test_constructors_refuse_bad_arguments_with_clear_messages() -> None:
         MMLearnError, match=exact("I2M2: missing_joint='zero'; expected ['impute', 'drop']")
     ):
         I2M2(missing_joint="zero", input_shapes=SHAPES, num_classes=K)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"embed_dim": 0},
+            "InterOnly: model.embed_dim=0; expected an integer >= 1 "
+            "(the feature size of every encoder)",
+        ),
+        (
+            {"embed_dim": 2.5},
+            "InterOnly: model.embed_dim=2.5; expected an integer >= 1 "
+            "(the feature size of every encoder)",
+        ),
+        (
+            {"fusion": "lrtf", "fusion_rank": 0},
+            "InterOnly: model.fusion_rank=0; expected an integer >= 1 "
+            "(the rank of the lrtf fusion)",
+        ),
+        (
+            {"head_hidden": -1},
+            "InterOnly: model.head_hidden=-1; expected an integer >= 0 "
+            "(the fused head's hidden width; null or 0: a linear head)",
+        ),
+        ({"dropout": 1.0}, "InterOnly: model.dropout=1.0; expected a probability in [0, 1)"),
+        ({"dropout": -0.1}, "InterOnly: model.dropout=-0.1; expected a probability in [0, 1)"),
+        (
+            {"dropout": float("nan")},
+            "InterOnly: model.dropout=nan; expected a probability in [0, 1)",
+        ),
+        (
+            {"fusion": "film"},
+            "model.fusion: unknown fusion 'film'; valid fusions: ['concat', 'lrtf', 'sum']",
+        ),
+        (
+            {"optimizer": functools.partial(torch.optim.Adam, lr=-1.0)},
+            "InterOnly: model.optimizer.init_args.lr=-1.0: torch.optim.Adam expects lr >= 0 "
+            "(Invalid learning rate: -1.0)",
+        ),
+        (
+            {"optimizer": functools.partial(torch.optim.Adam, betas=(1.5, 0.9))},
+            "InterOnly: model.optimizer.init_args.betas=1.5: torch.optim.Adam expects each beta "
+            "in [0, 1) (Invalid beta parameter at index 0: 1.5)",
+        ),
+        (
+            {"optimizer": functools.partial(torch.optim.SGD, lr=0.1, nesterov=True)},
+            "InterOnly: model.optimizer: torch.optim.SGD refuses its options: Nesterov momentum "
+            "requires a momentum and zero dampening",
+        ),
+        (
+            {"encoders": {"a": {"name": "mlp", "hidden": [8, 0]}}},
+            "model.encoders.a: mlp encoder: hidden=[8, 0]; expected a list of integers >= 1",
+        ),
+        (
+            {"encoders": {"a": {"name": "mlp", "dropout": 1.5}}},
+            "model.encoders.a: mlp encoder: dropout=1.5; expected a probability in [0, 1)",
+        ),
+    ],
+    ids=lambda v: None if isinstance(v, dict) else v[:48],
+)
+def test_constructors_refuse_bad_sizes_probabilities_and_optimisers(
+    kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(MMLearnError, match=exact(message)):
+        InterOnly(input_shapes=SHAPES, num_classes=K, **kwargs)  # type: ignore[arg-type]
+
+
+def test_good_sizes_and_optimisers_are_kept() -> None:
+    model = InterOnly(
+        input_shapes=SHAPES,
+        num_classes=K,
+        embed_dim=1,
+        fusion="lrtf",
+        fusion_rank=1,
+        head_hidden=0,
+        dropout=0.0,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+    )
+    assert type(model.joint.head) is nn.Linear  # head_hidden 0: linear, as make_head does
+    assert (model.embed_dim, model.fusion_rank, model.dropout) == (1, 1, 0.0)
+    # IntraOnly builds no fusion, but a bad rank is still a bad value
+    with pytest.raises(MMLearnError, match=r"model\.fusion_rank=-2"):
+        IntraOnly(input_shapes=SHAPES, num_classes=K, fusion_rank=-2)
+    # the dummy build leaves the real one alone: configure_optimizers still builds on the weights
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "message"),
+    [
+        (
+            {"name": "mlp", "hidden": 64},
+            [4],
+            "mlp encoder: hidden=64; expected a list of integers >= 1",
+        ),
+        (
+            {"name": "cnn", "channels": [4, -1]},
+            [1, 8, 8],
+            "cnn encoder: channels=[4, -1]; expected a list of integers >= 1",
+        ),
+        (
+            {"name": "cnn", "kernel_size": 0},
+            [1, 8, 8],
+            "cnn encoder: kernel_size=0; expected an integer >= 1",
+        ),
+        ({"name": "gru", "hidden": 0}, [5, 3], "gru encoder: hidden=0; expected an integer >= 1"),
+        (
+            {"name": "gru", "num_layers": 0},
+            [5, 3],
+            "gru encoder: num_layers=0; expected an integer >= 1",
+        ),
+        (
+            {"name": "resnet18", "width": 0},
+            [3, 8, 8],
+            "resnet18 encoder: width=0; expected an integer >= 1",
+        ),
+        (
+            {"name": "resnet18", "blocks": [2, -1]},
+            [3, 8, 8],
+            "resnet18 encoder: blocks=[2, -1]; expected a list of integers >= 0",
+        ),
+    ],
+)
+def test_encoders_refuse_bad_sizes_naming_where_they_came_from(
+    spec: dict[str, object], shape: list[int], message: str
+) -> None:
+    with pytest.raises(MMLearnError, match=exact(f"model.encoders.x: {message}")):
+        build_encoder(spec, shape, 4, where="model.encoders.x")
+    with pytest.raises(
+        MMLearnError,
+        match=exact("model.encoders.x: out_dim=0; expected an integer >= 1 (embed_dim)"),
+    ):
+        build_encoder({"name": "mlp"}, [4], 0, where="model.encoders.x")
+
+
+def test_make_head_refuses_a_negative_width_and_a_bad_dropout() -> None:
+    with pytest.raises(
+        MMLearnError, match=exact("head: hidden=-3; expected a width >= 1 (null or 0: linear)")
+    ):
+        make_head(6, 3, -3)
+    with pytest.raises(
+        MMLearnError, match=exact("head: dropout=1.0; expected a probability in [0, 1)")
+    ):
+        make_head(6, 3, 5, 1.0)
 
 
 def test_default_architecture_and_saved_hyperparameters() -> None:

@@ -30,7 +30,11 @@ class SlurmRequeue(Callback):
     resumable, so it ends with the weights of an uninterrupted run.
 
     Installed before Lightning's handler, which then stays out of the way. Does nothing outside
-    Slurm or when the environment's ``auto_requeue`` is off.
+    Slurm or when the environment's ``auto_requeue`` is off. A SIGTERM that comes without the
+    requeue signal (``scancel``, a preemption without warning) is the checkpoint callback's:
+    :class:`~mmlearn.callbacks.Checkpoint` saves ``last.ckpt`` and the job exits with 143; a
+    requeued job resumes from the newer of that and the hpc checkpoint
+    (:func:`~mmlearn.run_folder.requeue_checkpoint`).
 
     Args:
         wait_s: how long to wait for Slurm to stop the job after the requeue before training on.
@@ -71,11 +75,18 @@ class SlurmRequeue(Callback):
         if not trainer.strategy.broadcast(ok):
             rank_zero_warn("scontrol requeue failed: training goes on in this job")
             return
-        deadline = time.monotonic() + self.wait_s
-        while time.monotonic() < deadline:  # Slurm stops the job (SIGTERM) once it is requeued
-            if trainer.received_sigterm:
-                raise SystemExit(0)
-            time.sleep(0.2)
+        # Slurm stops the job (SIGTERM) once it is requeued: that SIGTERM ends this job with
+        # status 0 (the run goes on in the requeued one), whoever handles SIGTERM otherwise
+        stopped: list[int] = []
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+        try:
+            deadline = time.monotonic() + self.wait_s
+            while time.monotonic() < deadline:
+                if stopped or trainer.received_sigterm:
+                    raise SystemExit(0)
+                time.sleep(0.2)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         rank_zero_warn(f"still running {self.wait_s:.0f} s after the requeue: training goes on")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -103,6 +103,10 @@ class MultimodalDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise MMLearnError(f"data.batch_size={batch_size}; expected >= 1")
+        if num_workers < 0:
+            raise MMLearnError(
+                f"data.num_workers={num_workers}; expected >= 0 (0: load in the main process)"
+            )
         if seed is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
+from mmlearn.encoders.registry import (
+    Encoder,
+    EncoderExample,
+    check_size,
+    check_sizes,
+    register_encoder,
+)
 
 
 @register_encoder("cnn")
@@ -38,6 +44,8 @@ class LeNetEncoder(Encoder):
         kernel_size: int = 5,
     ) -> None:
         super().__init__()
+        check_sizes("cnn encoder", "channels", channels)
+        check_size("cnn encoder", "kernel_size", kernel_size)
         c, h, w = (int(s) for s in input_shape)
         layers: list[nn.Module] = []
         for c_out in channels:

@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
+from mmlearn.encoders.registry import (
+    Encoder,
+    EncoderExample,
+    check_probability,
+    check_sizes,
+    register_encoder,
+)
 
 
 def mlp_layers(dims: Sequence[int], dropout: float = 0.0) -> list[nn.Module]:
@@ -44,6 +50,8 @@ class MLPEncoder(Encoder):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        check_sizes("mlp encoder", "hidden", hidden)
+        check_probability("mlp encoder", "dropout", dropout)
         d_in = 1
         for s in input_shape:
             d_in *= int(s)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from mmlearn.errors import MMLearnError
+from mmlearn.errors import MMLearnError, is_int, is_probability
 
 
 @dataclass(frozen=True)
@@ -148,4 +148,35 @@ def build_encoder(
         raise MMLearnError(
             f"{where}: encoder {name!r} has no option(s) {unknown}; its options are {accepted}"
         )
-    return cls(list(input_shape), out_dim, **spec)
+    bad_shape = [s for s in input_shape if not is_int(s, 1)]
+    if bad_shape:
+        raise MMLearnError(
+            f"{where}: input shape {list(input_shape)}; expected sizes >= 1 (from the data)"
+        )
+    if not is_int(out_dim, 1):
+        raise MMLearnError(f"{where}: out_dim={out_dim!r}; expected an integer >= 1 (embed_dim)")
+    try:
+        return cls(list(input_shape), out_dim, **spec)
+    except MMLearnError as e:  # the encoder's own check, told where its options came from
+        raise MMLearnError(f"{where}: {e}") from e
+
+
+def check_size(owner: str, option: str, value: object, minimum: int = 1) -> None:
+    """Refuse an encoder option that is not an integer ``>= minimum``."""
+    if not is_int(value, minimum):
+        raise MMLearnError(f"{owner}: {option}={value!r}; expected an integer >= {minimum}")
+
+
+def check_sizes(owner: str, option: str, values: object, minimum: int = 1) -> None:
+    """Refuse an encoder option that is not a list of integers ``>= minimum`` (layer sizes)."""
+    if isinstance(values, Sequence) and not isinstance(values, str):
+        if all(is_int(v, minimum) for v in values):
+            return
+        values = list(values)
+    raise MMLearnError(f"{owner}: {option}={values!r}; expected a list of integers >= {minimum}")
+
+
+def check_probability(owner: str, option: str, value: object) -> None:
+    """Refuse a dropout probability outside ``[0, 1)``."""
+    if not is_probability(value):
+        raise MMLearnError(f"{owner}: {option}={value!r}; expected a probability in [0, 1)")

@@ -11,7 +11,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
+from mmlearn.encoders.registry import (
+    Encoder,
+    EncoderExample,
+    check_size,
+    check_sizes,
+    register_encoder,
+)
 
 
 class BasicBlock(nn.Module):
@@ -66,6 +72,8 @@ class ResNet18(Encoder):
         blocks: Sequence[int] = (2, 2, 2, 2),
     ) -> None:
         super().__init__()
+        check_size("resnet18 encoder", "width", width)
+        check_sizes("resnet18 encoder", "blocks", blocks, minimum=0)
         channels = int(input_shape[-3])
         layers: list[nn.Module] = [
             nn.Conv2d(channels, width, 7, 2, 3, bias=False),

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from mmlearn.encoders.registry import Encoder, EncoderExample, register_encoder
+from mmlearn.encoders.registry import Encoder, EncoderExample, check_size, register_encoder
 
 
 @register_encoder("gru")
@@ -38,6 +38,8 @@ class GRUEncoder(Encoder):
         bidirectional: bool = False,
     ) -> None:
         super().__init__()
+        check_size("gru encoder", "hidden", hidden)
+        check_size("gru encoder", "num_layers", num_layers)
         self.gru = nn.GRU(
             int(input_shape[1]), hidden, num_layers, batch_first=True, bidirectional=bidirectional
         )

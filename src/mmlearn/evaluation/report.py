@@ -84,17 +84,38 @@ def _fmt(x: float, digits: int = 4) -> str:
     return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def markdown_table(summary: Sequence[Row], baseline: str) -> str:
-    """The comparison as Markdown: one table per metric, strategies as rows."""
+def markdown_table(
+    summary: Sequence[Row],
+    baseline: str,
+    strategies: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+) -> str:
+    """The comparison as Markdown: one table per metric, strategies as rows.
+
+    Args:
+        summary: the entries of :func:`summarise`.
+        baseline: the strategy the differences are taken against (named in each table's title).
+        strategies: the rows of every table, in order (default: every strategy of ``summary``).
+            A strategy without an entry for a metric (it does not log it, or none of its runs
+            finished) is a row of ``n/a`` in that metric's table.
+        metrics: the tables, in order (default: every metric of ``summary``); a metric no
+            strategy has is a table of ``n/a`` rows.
+    """
+    strategies = list(strategies or dict.fromkeys(e["strategy"] for e in summary))
     blocks = []
-    for metric in dict.fromkeys(e["metric"] for e in summary):
+    for metric in metrics or dict.fromkeys(e["metric"] for e in summary):
         lines = [
             f"**{metric}** (mean ± std over seeds, 95% CI; paired by seed vs **{baseline}**)",
             "",
             "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) | p (W) |",
             "|---|---|---|---|---|---|---|",
         ]
-        for e in (e for e in summary if e["metric"] == metric):
+        entries = {e["strategy"]: e for e in summary if e["metric"] == metric}
+        for s in [*strategies, *(s for s in entries if s not in strategies)]:
+            e = entries.get(s)
+            if e is None:
+                lines.append(f"| {s} | 0 | n/a | n/a | n/a |  |  |")
+                continue
             ci = f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
             if "diff" in e:
                 diff = f"{e['diff']:+.4f} [{_fmt(e['diff_ci_low'])}, {_fmt(e['diff_ci_high'])}]"
@@ -118,20 +139,38 @@ def write_csv(path: Path, rows: Sequence[Row]) -> None:
 # Drawing only (positions, colours, sizes): the numbers it draws come from `summarise`, which the
 # mutation tests cover; a mutant here changes the picture's looks, not a reported figure.
 # pragma: no mutate start
-def plot(rows: Sequence[Row], summary: Sequence[Row], path: Path) -> None:
-    """One panel per metric: each seed as a dot, the mean with its 95% CI as a bar."""
+def plot(
+    rows: Sequence[Row],
+    summary: Sequence[Row],
+    path: Path,
+    strategies: Sequence[str] | None = None,
+) -> bool:
+    """One panel per metric: each seed as a dot, the mean with its 95% CI as a bar.
+
+    ``strategies`` (default: those of ``summary``) are the x positions of every panel; one with no
+    entry for a metric is left out of that panel (marked ``n/a``). Returns ``False`` and writes
+    nothing when ``summary`` is empty.
+    """
+    metrics = list(dict.fromkeys(e["metric"] for e in summary))
+    if not metrics:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters or in CI
     import matplotlib.pyplot as plt
 
-    metrics = list(dict.fromkeys(e["metric"] for e in summary))
-    strategies = list(dict.fromkeys(e["strategy"] for e in summary))
+    strategies = list(strategies or dict.fromkeys(e["strategy"] for e in summary))
+    strategies += [s for s in dict.fromkeys(e["strategy"] for e in summary) if s not in strategies]
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(1.2 + 1.1 * len(strategies) * len(metrics), 3.6), squeeze=False
     )
     for ax, metric in zip(axes[0], metrics, strict=True):
+        entries = {e["strategy"]: e for e in summary if e["metric"] == metric}
         for i, s in enumerate(strategies):
+            e = entries.get(s)
+            if e is None:  # not measured for this strategy: nothing to draw
+                ax.text(i, 0.02, "n/a", transform=ax.get_xaxis_transform(), ha="center")
+                continue
             seeds = [float(r[metric]) for r in rows if r["strategy"] == s and metric in r]
             ax.scatter(
                 np.full(len(seeds), i) + np.linspace(-0.12, 0.12, len(seeds)),
@@ -140,7 +179,6 @@ def plot(rows: Sequence[Row], summary: Sequence[Row], path: Path) -> None:
                 color="0.55",
                 zorder=2,
             )
-            e = next(e for e in summary if e["strategy"] == s and e["metric"] == metric)
             err = (
                 None
                 if math.isnan(e["ci_low"])
@@ -154,6 +192,7 @@ def plot(rows: Sequence[Row], summary: Sequence[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # pragma: no mutate end

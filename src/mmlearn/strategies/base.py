@@ -7,6 +7,9 @@ trains, and how it combines the outputs at inference.
 
 from __future__ import annotations
 
+import functools
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -18,8 +21,8 @@ from torchmetrics import MetricCollection
 
 from mmlearn.batch import MultimodalBatch
 from mmlearn.encoders import Encoder, build_encoder
-from mmlearn.errors import MMLearnError
-from mmlearn.fusion import Fusion, build_fusion
+from mmlearn.errors import MMLearnError, is_int, is_probability
+from mmlearn.fusion import FUSIONS, Fusion, build_fusion
 from mmlearn.heads import make_head
 from mmlearn.likelihood import Likelihood, likelihood
 from mmlearn.metrics import key, stage_metrics
@@ -75,12 +78,15 @@ class MultimodalModule(pl.LightningModule):
             decision and metric of the model goes through.
         encoders: modality -> ``{"name": <encoder>, **options}``. A modality left out gets the
             default for its input shape (MLP for vectors, CNN for images, GRU for sequences).
-        embed_dim: feature size every encoder outputs.
+        embed_dim: feature size every encoder outputs (>= 1).
         fusion: ``concat``, ``sum`` or ``lrtf`` (joint model only).
-        fusion_rank: rank of ``lrtf``.
-        head_hidden: hidden width of the fused head (``None``: linear). Unimodal heads are linear.
-        dropout: dropout in the fused head.
-        optimizer: optimiser factory, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``.
+        fusion_rank: rank of ``lrtf`` (>= 1).
+        head_hidden: hidden width of the fused head (``None`` or 0: linear). Unimodal heads are
+            linear.
+        dropout: dropout in the fused head, in ``[0, 1)``.
+        optimizer: optimiser factory, e.g. ``{class_path: torch.optim.SGD, init_args: {lr: 0.1}}``;
+            built once on a dummy parameter in the constructor, so that a value torch refuses
+            (a negative ``lr``) is an error naming the option before anything runs.
         lr_scheduler: optional scheduler factory, stepped every epoch.
         clip_grad_norm: clip the global gradient norm (over all parameters, after a
             gradient-level strategy has combined its objectives) to this value before every
@@ -127,6 +133,22 @@ class MultimodalModule(pl.LightningModule):
                 f"model.encoders names modalities {unknown} that the data does not have; "
                 f"the data's modalities are {self.modalities}"
             )
+        name = type(self).__name__
+        check_size(f"{name}: model.embed_dim", embed_dim, 1, "the feature size of every encoder")
+        if fusion not in FUSIONS:
+            raise MMLearnError(
+                f"model.fusion: unknown fusion {fusion!r}; valid fusions: {sorted(FUSIONS)}"
+            )
+        check_size(f"{name}: model.fusion_rank", fusion_rank, 1, "the rank of the lrtf fusion")
+        if head_hidden is not None:
+            check_size(
+                f"{name}: model.head_hidden",
+                head_hidden,
+                0,
+                "the fused head's hidden width; null or 0: a linear head",
+            )
+        check_probability(f"{name}: model.dropout", dropout)
+        check_optimizer(optimizer, f"{name}: model.optimizer")
         self.embed_dim = embed_dim
         self.fusion_name, self.fusion_rank = fusion, fusion_rank
         self.head_hidden, self.dropout = head_hidden, dropout
@@ -369,6 +391,67 @@ class MultimodalModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def check_size(where: str, value: object, minimum: int, what: str) -> None:
+    """Refuse ``value`` unless it is an integer ``>= minimum``; ``where`` names the option."""
+    if not is_int(value, minimum):
+        raise MMLearnError(f"{where}={value!r}; expected an integer >= {minimum} ({what})")
+
+
+def check_probability(where: str, value: object) -> None:
+    """Refuse a dropout probability outside ``[0, 1)`` (1 would zero every feature)."""
+    if not is_probability(value):
+        raise MMLearnError(f"{where}={value!r}; expected a probability in [0, 1)")
+
+
+#: torch's messages for a refused optimiser option -> (option, what it expects)
+OPTIMIZER_CHECKS: tuple[tuple[str, str, str], ...] = (
+    (r"Invalid learning rate: (?P<v>.+)", "lr", "lr >= 0"),
+    (r"Invalid epsilon value: (?P<v>.+)", "eps", "eps >= 0"),
+    (r"Invalid beta parameter at index \d+: (?P<v>.+)", "betas", "each beta in [0, 1)"),
+    (r"Invalid weight_decay value: (?P<v>.+)", "weight_decay", "weight_decay >= 0"),
+    (r"Invalid momentum value: (?P<v>.+)", "momentum", "momentum >= 0"),
+)
+
+
+def check_optimizer(factory: OptimizerCallable, where: str = "model.optimizer") -> None:
+    """Build the optimiser once on a dummy parameter, so a bad option fails now, not at fit.
+
+    torch checks an optimiser's values in its constructor (``ValueError("Invalid learning
+    rate: -1.0")``); that error becomes one naming the option. Anything else the dummy build
+    raises is left to :meth:`MultimodalModule.configure_optimizers`, which builds the real one
+    (``fused=True`` may need parameters on a GPU, for instance).
+    """
+    try:
+        factory([nn.Parameter(torch.zeros(1))])
+    except ValueError as e:
+        cls = _optimizer_name(factory)
+        for pattern, option, expected in OPTIMIZER_CHECKS:
+            found = re.fullmatch(pattern, str(e))
+            if found is not None:
+                raise MMLearnError(
+                    f"{where}.init_args.{option}={found['v']}: {cls} expects {expected} ({e})"
+                ) from e
+        raise MMLearnError(f"{where}: {cls} refuses its options: {e}") from e
+    except Exception:  # not a bad value: the real build decides
+        return
+
+
+def _optimizer_name(factory: object) -> str:
+    """``torch.optim.Adam`` for the class (or jsonargparse's partial of it) ``factory`` builds."""
+    found: list[type] = [factory] if isinstance(factory, type) else []
+    if isinstance(factory, functools.partial):
+        found = [a for a in (factory.func, *factory.args) if isinstance(a, type)]
+    if not found:
+        return repr(factory)
+    cls = found[0]
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):  # the shortest module that exports it
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__name__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_modalities(
