@@ -565,6 +565,10 @@ def with_run_config(args: Sequence[str]) -> list[str]:
             ckpt = args[i + 1]
         elif arg.startswith("--ckpt_path="):
             ckpt = arg.partition("=")[2]
+    special = ckpt in (None, "last", "best", "hpc", "registry") or "://" in str(ckpt)
+    if ckpt is not None and not special and not config and not Path(ckpt).is_file():
+        # without a config, jsonargparse would only say that model and data are missing
+        raise MMLearnError(f"--ckpt_path {ckpt}: no such file")
     run = find_run(ckpt)
     if run is None:
         return args

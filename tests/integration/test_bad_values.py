@@ -272,6 +272,23 @@ CASES = [
         setup="a_dir",
     ),
     # ---- data values --------------------------------------------------------------------------
+    # found by an independent new-user check: a traceback (negative tensor size) before
+    Case(
+        "synthetic-negative-size",
+        ["fit", "--model", "InterOnly", *SYN, *SHORT, "--data.n_train=-5"],
+        ["data.n_train=-5", ">= 1"],
+    ),
+    Case(
+        "synthetic-negative-noise",
+        ["fit", "--model", "InterOnly", *SYN, *SHORT, "--data.noise=-1"],
+        ["data.noise=[-1.0", ">= 0"],
+    ),
+    # found by the same check: "the following arguments are required" instead of the file
+    Case(
+        "missing-checkpoint-without-config",
+        ["test", "--ckpt_path", "{tmp}/nowhere/last.ckpt"],
+        ["--ckpt_path {tmp}/nowhere/last.ckpt", "no such file"],
+    ),
     Case(
         "negative-batch-size",
         ["fit", "--model", "InterOnly", *SYN, *SHORT, "--data.batch_size=-3"],

@@ -67,15 +67,26 @@ class SyntheticMultimodal(MultimodalDataModule):
         super().__init__(
             batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
         )
-        if num_modalities < 1 or num_classes < 2:
-            raise MMLearnError(
-                f"SyntheticMultimodal: num_modalities={num_modalities}, num_classes={num_classes}; "
-                "expected >= 1 and >= 2"
-            )
+        for key, value, least in (
+            ("num_modalities", num_modalities, 1),
+            ("num_classes", num_classes, 2),
+            ("latent_dim", latent_dim, 1),
+            ("n_train", n_train, 1),
+            ("n_val", n_val, 1),
+            ("n_test", n_test, 1),
+        ):
+            if value < least:
+                raise MMLearnError(f"SyntheticMultimodal: data.{key}={value}; expected >= {least}")
         m = num_modalities
         self.dims = [int(d) for d in _per_modality(dim, m, "dim")]  # type: ignore[arg-type]
         self.intra = _per_modality(intra, m, "intra")
         self.noise = _per_modality(noise, m, "noise")
+        for key, values in (("dim", self.dims), ("noise", self.noise)):
+            least = 1 if key == "dim" else 0
+            if any(v < least for v in values):
+                raise MMLearnError(
+                    f"SyntheticMultimodal: data.{key}={values}; expected every value >= {least}"
+                )
         self.inter, self.latent_dim, self.k = float(inter), latent_dim, num_classes
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.source = f"SyntheticMultimodal(seed={self.seed})"
