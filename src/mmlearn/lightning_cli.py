@@ -487,6 +487,12 @@ class MMLearnCLI(LightningCLI):
         )
         check_run_folder(folder, ours, resuming=resuming, dirpath=dirpath)
 
+    def after_validate(self) -> None:
+        _say_where(self.trainer, "val")
+
+    def after_test(self) -> None:
+        _say_where(self.trainer, "test")
+
     def after_fit(self) -> None:
         """``--test_after_fit`` (the best checkpoint, same run and loggers), then one closing line
         on stdout: the best monitored score, its checkpoint and the run folder (rank 0)."""
@@ -501,6 +507,14 @@ class MMLearnCLI(LightningCLI):
             and logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
         ):
             print(line, flush=True)
+
+
+def _say_where(trainer: Trainer, stage: str) -> None:
+    """After ``validate``/``test``: one line naming the run folder its metrics went to."""
+    folder = trainer.log_dir  # a broadcast under DDP: on every rank
+    quiet = not logging.getLogger("lightning.pytorch").isEnabledFor(logging.INFO)
+    if trainer.is_global_zero and folder and not quiet:
+        print(f"mmlearn: {stage} metrics in {shown(Path(folder) / 'metrics.csv')}", flush=True)
 
 
 def closing_line(trainer: Trainer) -> str:

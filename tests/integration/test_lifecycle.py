@@ -30,6 +30,7 @@ from lightning.pytorch import Callback
 
 from mmlearn.cli import build_cli, main
 from mmlearn.lightning_cli import MMLearnCLI
+from mmlearn.run_folder import shown
 
 HERE = Path(__file__).resolve().parent
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -154,13 +155,21 @@ def test_a_resumed_run_drops_what_its_interrupted_run_logged_after_the_checkpoin
     assert_same_run(resumed, moved, uninterrupted)
 
 
-def test_validate_test_and_predict_write_into_the_run_they_evaluate(tmp_path: Path) -> None:
+def test_validate_test_and_predict_write_into_the_run_they_evaluate(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     cli = fit(tmp_path, 1)
     run = Path(cli.trainer.log_dir)
     best = cli.trainer.checkpoint_callback.best_model_path
     fitted = rows(run)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # an in-process compare quiets them
+        logging.getLogger(name).setLevel(logging.INFO)
+    capfd.readouterr()
     build_cli(["validate", "--ckpt_path", best, *QUIET])  # no --config: the run's config.yaml
     build_cli(["test", "--ckpt_path", best, *QUIET])
+    said = capfd.readouterr().out.splitlines()
+    assert f"mmlearn: val metrics in {shown(run / 'validate' / 'metrics.csv')}" in said
+    assert f"mmlearn: test metrics in {shown(run / 'test' / 'metrics.csv')}" in said
     last = str(run / "checkpoints" / "last.ckpt")
     build_cli(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", last, *QUIET])
     assert names(run.parent) == [run.name]  # no version_1, version_2, ...
