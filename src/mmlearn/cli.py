@@ -31,7 +31,7 @@ from mmlearn.lightning_cli import MMLearnCLI, build_cli
 from mmlearn.prepare import prepare_main
 from mmlearn.runtime import keep_freed_memory
 from mmlearn.slurm import slurm_main
-from mmlearn.strategies import STRATEGIES, MultimodalModule
+from mmlearn.strategies import STRATEGIES, MultimodalModule, step
 
 __all__ = ["MMLearnCLI", "build_cli", "check_choices", "main"]
 
@@ -568,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_config_files(args)
         check_choices(args)
         build_cli(None if argv is None else args)
+        step.shutdown()
     except Exception as exc:
         message = explain(exc, args)
         if message is None:

@@ -72,6 +72,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def shutdown() -> None:
+    """Destroy the process group after a run that ended normally on every rank.
+
+    Lightning leaves it alive; at interpreter exit gloo's worker threads are then torn down with
+    the interpreter, which now and then aborts a rank ("terminate called without an active
+    exception", exit 134) after training succeeded. Not after an error: a rank that failed while
+    others wait in a collective would hang here.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def sync_mean(x: Tensor) -> Tensor:
     """The mean over ranks of ``x`` (a copy; ``x`` itself on one rank). One all-reduce."""
     n = world_size()
