@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.utilities.data import warning_cache
 
+from mmlearn.data.base import MultimodalDataModule, Split
 from mmlearn.strategies import STRATEGIES as REGISTERED
 
 
@@ -98,3 +99,37 @@ def fit_recording_warnings(trainer: pl.Trainer, model: Any, data: Any) -> list[s
         warnings.simplefilter("always")
         trainer.fit(model, datamodule=data)
     return [str(w.message) for w in caught]
+
+
+def quiet_trainer(**kw: Any) -> pl.Trainer:
+    """A quiet CPU Trainer: one epoch, no logger, checkpoints, progress bar or summary."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(**(options | kw))
+
+
+class Given(MultimodalDataModule):
+    """A DataModule over given splits (``kw``: the base's options, e.g. ``batch_size``)."""
+
+    def __init__(
+        self, splits: dict[str, Split], k: int = 3, multilabel: bool = False, **kw: Any
+    ) -> None:
+        super().__init__(**kw)
+        self._given, self.k, self._multilabel = splits, k, multilabel
+
+    @property
+    def num_classes(self) -> int:
+        return self.k
+
+    @property
+    def multilabel(self) -> bool:
+        return self._multilabel
+
+    def load_splits(self) -> dict[str, Split]:
+        return self._given

@@ -5,35 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import Given  # noqa: I001  (tests/helpers.py)
 from mmlearn.batch import MultimodalBatch
 from mmlearn.data.base import (
     EpochSeededSampler,
-    MultimodalDataModule,
     Split,
     SplitDataset,
     standardize,
     stratified_split,
 )
 from mmlearn.errors import MMLearnError
-
-
-class Given(MultimodalDataModule):
-    """A DataModule over given tensors."""
-
-    def __init__(self, splits: dict[str, Split], k: int = 3, multilabel: bool = False, **kw):
-        super().__init__(**kw)
-        self._given, self.k, self._multilabel = splits, k, multilabel
-
-    @property
-    def num_classes(self) -> int:
-        return self.k
-
-    @property
-    def multilabel(self) -> bool:
-        return self._multilabel
-
-    def load_splits(self) -> dict[str, Split]:
-        return self._given
 
 
 def split(n: int, offset: int = 0) -> Split:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmlearn.data.base import MultimodalDataModule, Split
+from helpers import Given, quiet_trainer  # noqa: I001  (tests/helpers.py)
+from mmlearn.data.base import Split
 from mmlearn.errors import MMLearnError
 from mmlearn.heads import product_of_experts
 from mmlearn.strategies import FUSED, I2M2, InterOnly, IntraOnly
@@ -128,42 +128,17 @@ def test_multilabel_nll_is_binary_cross_entropy() -> None:
 TWO = {"a": [4], "b": [3]}
 
 
-class _Frequencies(MultimodalDataModule):
+def _frequencies(train: torch.Tensor, k: int, multilabel: bool = False) -> Given:
     """Two modalities; train targets with set class frequencies, val/test with other ones."""
+    g = torch.Generator().manual_seed(0)
 
-    def __init__(self, train: torch.Tensor, k: int, multilabel: bool = False) -> None:
-        super().__init__(batch_size=8)
-        self.train, self.k, self._multilabel = train, k, multilabel
+    def split(target: torch.Tensor) -> Split:
+        n = len(target)
+        return Split({m: torch.randn(n, *s, generator=g) for m, s in TWO.items()}, target)
 
-    @property
-    def num_classes(self) -> int:
-        return self.k
-
-    @property
-    def multilabel(self) -> bool:
-        return self._multilabel
-
-    def load_splits(self) -> dict[str, Split]:
-        g = torch.Generator().manual_seed(0)
-
-        def split(target: torch.Tensor) -> Split:
-            n = len(target)
-            return Split({m: torch.randn(n, *s, generator=g) for m, s in TWO.items()}, target)
-
-        other = torch.roll(self.train, 3, 0)[:7].flip(0)
-        return {"train": split(self.train), "val": split(other), "test": split(other)}
-
-
-def _quiet_trainer(**kw: object) -> pl.Trainer:
-    options: dict[str, object] = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(**(options | kw))  # type: ignore[arg-type]
+    other = torch.roll(train, 3, 0)[:7].flip(0)
+    splits = {"train": split(train), "val": split(other), "test": split(other)}
+    return Given(splits, k, multilabel, batch_size=8)
 
 
 def _softmax(logits: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -242,27 +217,27 @@ def test_the_prior_is_divided_only_in_independent_mode_with_divide_prior() -> No
 
 def test_class_frequencies_are_those_of_the_training_split() -> None:
     train = torch.tensor([0] * 2 + [1] * 18)
-    dm = _Frequencies(train, 2)
+    dm = _frequencies(train, 2)
     torch.testing.assert_close(dm.class_frequencies(), torch.tensor([0.1, 0.9]))
     assert float(dm.splits["val"].target.float().mean()) != pytest.approx(0.9)  # not train's
     # a class absent from training gets frequency 0; multi-label: per-label positive rates
     torch.testing.assert_close(
-        _Frequencies(train, 3).class_frequencies(), torch.tensor([0.1, 0.9, 0])
+        _frequencies(train, 3).class_frequencies(), torch.tensor([0.1, 0.9, 0])
     )
     multihot = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]])
-    rates = _Frequencies(multihot, 3, multilabel=True).class_frequencies()
+    rates = _frequencies(multihot, 3, multilabel=True).class_frequencies()
     torch.testing.assert_close(rates, torch.tensor([0.75, 0.25, 0.75]))
 
 
 def test_setup_reads_the_training_prior_and_checkpoints_keep_it(tmp_path) -> None:
     torch.manual_seed(0)
     train = torch.tensor([0] * 2 + [1] * 18)
-    dm = _Frequencies(train, 2)
+    dm = _frequencies(train, 2)
     sgd0 = functools.partial(torch.optim.SGD, lr=0.0)
     model = IntraOnly(
         mode="independent", input_shapes=TWO, num_classes=2, embed_dim=4, optimizer=sgd0
     )
-    trainer = _quiet_trainer()
+    trainer = quiet_trainer()
     trainer.fit(model, datamodule=dm)
     torch.testing.assert_close(model.prior_logits, torch.tensor([0.1, 0.9]).log())
     out = trainer.predict(model, datamodule=dm)
@@ -280,8 +255,8 @@ def test_setup_reads_the_training_prior_and_checkpoints_keep_it(tmp_path) -> Non
     assert restored.mode == "independent" and restored.divide_prior
     torch.testing.assert_close(restored.prior_logits, model.prior_logits)
     # evaluating a restored model on other data keeps the prior it was trained with
-    other = _Frequencies(torch.tensor([0] * 5 + [1] * 5), 2)
-    _quiet_trainer().validate(restored, datamodule=other, verbose=False)
+    other = _frequencies(torch.tensor([0] * 5 + [1] * 5), 2)
+    quiet_trainer().validate(restored, datamodule=other, verbose=False)
     torch.testing.assert_close(restored.prior_logits, model.prior_logits)
     # a checkpoint written before the buffer existed still loads
     old = torch.load(path, weights_only=False)
@@ -291,15 +266,15 @@ def test_setup_reads_the_training_prior_and_checkpoints_keep_it(tmp_path) -> Non
 
 
 def test_evaluating_a_model_without_a_prior_reads_the_datamodules() -> None:
-    dm = _Frequencies(torch.tensor([0] * 3 + [1] * 1), 2)
+    dm = _frequencies(torch.tensor([0] * 3 + [1] * 1), 2)
     model = IntraOnly(mode="independent", input_shapes=TWO, num_classes=2, embed_dim=4)
-    _quiet_trainer().validate(model, datamodule=dm, verbose=False)
+    quiet_trainer().validate(model, datamodule=dm, verbose=False)
     torch.testing.assert_close(model.prior_logits, torch.tensor([0.75, 0.25]).log())
     # explicit frequencies win over the DataModule's
     given = IntraOnly(
         mode="independent", input_shapes=TWO, num_classes=2, class_frequencies=[0.5, 0.5]
     )
-    _quiet_trainer().validate(given, datamodule=dm, verbose=False)
+    quiet_trainer().validate(given, datamodule=dm, verbose=False)
     torch.testing.assert_close(given.prior_logits, torch.tensor([0.5, 0.5]).log())
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from helpers import fit_recording_warnings  # noqa: I001  (tests/helpers.py)
+from helpers import quiet_trainer as trainer
 from mmlearn.batch import MultimodalBatch
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.encoders import build_encoder
@@ -123,19 +124,6 @@ def make_batches(
             present["b"][1] = False
         out.append(MultimodalBatch(inputs=inputs, target=target, present=present))
     return out
-
-
-def trainer(**kw: object) -> pl.Trainer:
-    """A quiet CPU Trainer (one epoch unless ``kw`` says otherwise)."""
-    options: dict[str, object] = {
-        "accelerator": "cpu",
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(**(options | kw))  # type: ignore[arg-type]
 
 
 def cat(batches: Sequence[MultimodalBatch]) -> MultimodalBatch:
