@@ -45,13 +45,12 @@ from mmlearn.data.base import MultimodalDataModule
 from mmlearn.errors import MMLearnError
 from mmlearn.run_folder import (
     DEFAULT_ROOT,
-    RESUMABLE,
     RUN_CONFIG,
     RunFolderError,
+    another_run,
     bound_training,
     check_run_folder,
     config_differences,
-    describe_differences,
     find_run,
     place_run,
     shown,
@@ -175,17 +174,10 @@ class ConfigSaver(SaveConfigCallback):
             return "write"
         ours = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         theirs = yaml.safe_load(path.read_text()) or {}
-        differences = config_differences(theirs, ours)
-        if not differences:
+        if not config_differences(theirs, ours):
             return "keep"
-        other = [d for d in differences if d[0] not in RESUMABLE]
-        if not other:
-            return "update"
-        return (
-            f"error: {path.parent} holds another run: its {path.name} differs in "
-            f"{describe_differences(other)}; start this run in a new folder (another --run_dir, "
-            "or none for the next version_N)"
-        )
+        error = another_run(path.parent, theirs, ours, path.name)
+        return "update" if error is None else f"error: {error}"
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:

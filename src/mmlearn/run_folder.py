@@ -182,6 +182,24 @@ def describe_differences(differences: list[tuple[str, Any, Any]], limit: int = 3
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
+def another_run(
+    folder: Path, theirs: Mapping[str, Any], ours: Mapping[str, Any], name: str = RUN_CONFIG
+) -> RunFolderError | None:
+    """The error for a folder whose config ``theirs`` is another run's than ``ours``, or None.
+
+    Keys that only say where files go, and the budget a resumed run may change
+    (:data:`RESUMABLE`), do not make it another run.
+    """
+    differences = [d for d in config_differences(theirs, ours) if d[0] not in RESUMABLE]
+    if not differences:
+        return None
+    return RunFolderError(
+        f"{folder} holds another run: its {name} differs in "
+        f"{describe_differences(differences)}; start this run in a new folder (another "
+        "--run_dir, or none for the next version_N)"
+    )
+
+
 def check_run_folder(
     folder: Path,
     ours: Mapping[str, Any],
@@ -202,14 +220,9 @@ def check_run_folder(
     """
     config = folder / RUN_CONFIG
     if config.is_file():
-        theirs = yaml.safe_load(config.read_text()) or {}
-        differences = [d for d in config_differences(theirs, ours) if d[0] not in RESUMABLE]
-        if differences:
-            raise RunFolderError(
-                f"{folder} holds another run: its {RUN_CONFIG} differs in "
-                f"{describe_differences(differences)}; start this run in a new folder (another "
-                "--run_dir, or none for the next version_N)"
-            )
+        error = another_run(folder, yaml.safe_load(config.read_text()) or {}, ours)
+        if error is not None:
+            raise error
     if dirpath is not None and _same_folder(dirpath, folder / CHECKPOINTS):
         dirpath = None  # spelled as the folder is
     found = saved_checkpoints(folder, dirpath)
