@@ -162,8 +162,6 @@ def test_validate_test_and_predict_write_into_the_run_they_evaluate(
     run = Path(cli.trainer.log_dir)
     best = cli.trainer.checkpoint_callback.best_model_path
     fitted = rows(run)
-    for name in ("lightning.pytorch", "lightning.fabric"):  # an in-process compare quiets them
-        logging.getLogger(name).setLevel(logging.INFO)
     capfd.readouterr()
     build_cli(["validate", "--ckpt_path", best, *QUIET])  # no --config: the run's config.yaml
     build_cli(["test", "--ckpt_path", best, *QUIET])
@@ -383,9 +381,6 @@ def test_the_console_says_what_matters_and_fit_ends_with_the_best_checkpoint(
 ) -> None:
     # no seed given (Lightning would warn), the progress bar and the model summary on
     args = ["fit", "--model=InterOnly", *DATA, f"--trainer.default_root_dir={tmp_path}"]
-    # an in-process `mmlearn compare` earlier in the session quiets Lightning's logger
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.INFO)
     with warnings.catch_warnings(record=True) as warned, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         cli = build_cli([*args, "--trainer.max_epochs=2"])

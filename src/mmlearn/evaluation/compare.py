@@ -508,9 +508,9 @@ def _worker(conn: Connection, parent: int, task: Task, settings: Settings, threa
     import torch
 
     torch.set_num_threads(threads)  # N processes share the cores instead of oversubscribing
-    _quiet()
     try:
-        outcome = attempt(task, settings)
+        with _quiet():
+            outcome = attempt(task, settings)
     except Stopped as stop:  # the compare is stopping it: no outcome, no traceback
         raise SystemExit(128 + stop.signum) from None
     conn.send(outcome)
@@ -650,10 +650,20 @@ def collect(folders: Sequence[str]) -> tuple[list[Row], list[str]]:
     return rows, skipped
 
 
-def _quiet() -> None:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Lightning's loggers at WARNING meanwhile, then as they were (an in-process compare must
+    not silence what runs after it)."""
     # one table is the output; Lightning's per-run banners would bury it
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _log_to_wandb(out: Path, summary: Sequence[Row], table: str) -> None:
@@ -774,7 +784,12 @@ def compare_main(argv: Sequence[str]) -> int:
         help="log every run and the comparison to W&B (offline without an account)",
     )
     args = parser.parse_args(list(argv))
-    _quiet()
+    with _quiet():
+        return _compare(parser, args)
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """:func:`compare_main` after parsing: collect, or check, run and report."""
     out = Path(args.out)
     metrics = check_metrics(args.metrics)
     if args.collect:
