@@ -9,15 +9,23 @@ and source, and exposes what the model needs: ``modalities``, ``input_shapes``, 
 test split by default; a family may serve other samples, e.g. a table's ``predict_path``), whose
 labels may be unknown (target :data:`UNKNOWN`), and names each sample with
 :meth:`MultimodalDataModule.predict_ids`.
+
+Three options every family has (docs/datasets.md, "Options every DataModule has"):
+``modality_dropout`` (training-time modality dropout, ModDrop: Neverova et al., TPAMI 2016),
+``modality_dropout_fill`` (what replaces a removed input) and ``train_fraction`` (train on a
+stratified fraction of the training split). :meth:`MultimodalDataModule.input_means` are the
+training split's input means; they travel in every checkpoint (:meth:`~MultimodalDataModule.
+state_dict`) and :func:`stored_input_means` finds them there.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +41,13 @@ SPLITS = ("train", "val", "test")
 #: multi-label sample's unknown target is a row of ``UNKNOWN``.
 UNKNOWN = -1
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+#: what replaces the input of a modality that ``modality_dropout`` removes
+FILLS = ("mean", "zero")
+# streams of :func:`mix_seed`, so that the masks and the training subset draw numbers that are
+# independent of each other and of the shuffling order
+_MASK_STREAM, _FRACTION_STREAM = 0x6D61736B, 0x66726163
+# elements per chunk when the input means are summed (float64): 128 MiB at most at a time
+_MEAN_CHUNK = 1 << 24
 
 
 @dataclass
@@ -79,6 +94,193 @@ class EpochSeededSampler(Sampler[int]):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
+def mix_seed(*parts: int) -> int:
+    """A seed in ``[0, 2**63)`` from integers (splitmix64 over the parts), for ``manual_seed``.
+
+    Neighbouring inputs (epoch 3 and 4, seed 0 and 1) give unrelated seeds, unlike a sum.
+    """
+    mask = (1 << 64) - 1
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = (h ^ (int(part) & mask)) & mask
+        h = (h + 0x9E3779B97F4A7C15) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        h ^= h >> 31
+    return h >> 1
+
+
+def modality_dropout_masks(n: int, probabilities: Sequence[float], seed: int, epoch: int) -> Tensor:
+    """Which modalities each of ``n`` training samples keeps in ``epoch``: bool ``[n, M]``.
+
+    Each modality ``j`` is removed independently with ``probabilities[j]``; a sample that would
+    lose every modality is drawn again (until it keeps one), so the masks follow the independent
+    draws conditioned on "at least one modality kept". Row ``i`` is sample ``i``'s mask, a
+    function of ``(seed, epoch, i)`` (and ``n``) only: not of the global RNG, the shuffling
+    order, the loader workers or where a resumed epoch starts.
+    """
+    p = torch.tensor([float(v) for v in probabilities], dtype=torch.float64)
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, _MASK_STREAM))
+    keep = torch.rand(n, len(p), generator=g, dtype=torch.float64) >= p
+    lost = (~keep.any(1)).nonzero().flatten()
+    while len(lost):  # ends: every probability is < 1, so a redraw keeps one with p > 0
+        keep[lost] = torch.rand(len(lost), len(p), generator=g, dtype=torch.float64) >= p
+        lost = lost[~keep[lost].any(1)]
+    return keep
+
+
+class ModalityDropoutSampler(Sampler[tuple[int, tuple[bool, ...]]]):
+    """The training order of ``order``, each index with its mask: ``(i, keep)``.
+
+    The masks are drawn in the main process when an epoch's iteration starts
+    (:func:`modality_dropout_masks` of the order's seed and epoch), and travel to the loader
+    workers with the indices, so they do not depend on ``num_workers``. ``epoch``/``set_epoch``
+    are the order's: Lightning and :class:`ResumableDataLoader` see an ordinary epoch sampler.
+    """
+
+    def __init__(self, order: EpochSeededSampler, probabilities: Sequence[float]) -> None:
+        self.order, self.probabilities = order, [float(p) for p in probabilities]
+
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def masks(self) -> Tensor:
+        """This epoch's masks, bool ``[n, M]`` (row ``i``: sample ``i``)."""
+        return modality_dropout_masks(
+            self.order.n, self.probabilities, self.order.seed, self.order.epoch
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[bool, ...]]]:
+        rows = self.masks().tolist()
+        return ((i, tuple(rows[i])) for i in self.order)
+
+
+class MaskedSplitDataset(Dataset[tuple[dict[str, Tensor], Tensor, tuple[bool, ...]]]):
+    """``(i, keep)`` -> ``({m: x_m[i]}, y[i], keep)``: a sample with its modality mask."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return int(self.split.target.shape[0])
+
+    def __getitem__(
+        self, item: tuple[int, tuple[bool, ...]]
+    ) -> tuple[dict[str, Tensor], Tensor, tuple[bool, ...]]:
+        i, keep = item
+        return {m: x[i] for m, x in self.split.inputs.items()}, self.split.target[i], keep
+
+
+def fill_absent(batch: MultimodalBatch, fills: Mapping[str, Tensor]) -> MultimodalBatch:
+    """Replace, in place, the inputs of absent modalities (``batch.present``) by their fill.
+
+    A fill is used only where its dtype is the batch's: the loader fills what is stored as the
+    model sees it (float32, or zeros in the storage dtype), and ``on_after_batch_transfer``
+    fills compact storage (uint8, float16) after converting it to float32. Filling twice is a
+    no-op.
+    """
+    if batch.present is None:
+        return batch
+    for m, fill in fills.items():
+        mask, x = batch.present.get(m), batch.inputs.get(m)
+        if mask is None or x is None or x.dtype != fill.dtype or bool(mask.all()):
+            continue
+        keep = mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        batch.inputs[m] = torch.where(keep, x, fill.to(x.device))
+    return batch
+
+
+class DropoutCollate:
+    """Collates ``(inputs, target, keep)`` samples: ``present`` from the masks, fills applied.
+
+    A module-level class (not a closure), so that loader workers can receive it however they
+    start.
+    """
+
+    def __init__(self, modalities: Sequence[str], fills: Mapping[str, Tensor]) -> None:
+        self.modalities, self.fills = list(modalities), dict(fills)
+
+    def __call__(
+        self, samples: Sequence[tuple[Mapping[str, Tensor], Tensor, Sequence[bool]]]
+    ) -> MultimodalBatch:
+        batch = collate_multimodal([(x, y) for x, y, _ in samples])
+        keep = torch.tensor([list(k) for _, _, k in samples], dtype=torch.bool)
+        batch.present = {m: keep[:, j].clone() for j, m in enumerate(self.modalities)}
+        return fill_absent(batch, self.fills)
+
+
+def _model_mean(x: Tensor) -> Tensor | None:
+    """Element-wise mean over samples of what the model sees (uint8 / 255; floats as float32).
+
+    ``None`` for integer inputs (token ids): their mean is no input. Summed in float64, a chunk
+    of rows at a time, so a memory-mapped split is read once without a float copy of it.
+    """
+    if x.dtype == torch.uint8:
+        scale = 1.0 / 255.0
+    elif torch.is_floating_point(x):
+        scale = 1.0
+    else:
+        return None
+    n = int(x.shape[0])
+    per_sample = max(1, math.prod(x.shape[1:]))
+    rows = max(1, _MEAN_CHUNK // per_sample)
+    total = torch.zeros(x.shape[1:], dtype=torch.float64)
+    for start in range(0, n, rows):
+        total += x[start : start + rows].to(torch.float64).sum(0)
+    return (total * (scale / n)).float()
+
+
+def stored_input_means(checkpoint: Mapping[str, Any]) -> dict[str, Tensor | None] | None:
+    """The input means a checkpoint holds (:meth:`MultimodalDataModule.state_dict`), or None.
+
+    Lightning saves a DataModule's state under its class's ``__qualname__``
+    (``checkpoint["SyntheticMultimodal"]["input_means"]``); any class's entry is found.
+
+    Args:
+        checkpoint: a loaded checkpoint (``torch.load`` of a ``.ckpt``).
+
+    Returns:
+        modality -> mean (``None`` for token ids), or ``None`` when the checkpoint has none (a
+        checkpoint written before the means were stored, or without a DataModule).
+    """
+    for value in checkpoint.values():
+        if isinstance(value, Mapping) and isinstance(value.get("input_means"), Mapping):
+            return dict(value["input_means"])
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_dropout(owner: str, value: object) -> float | dict[str, float]:
+    """``modality_dropout`` checked: a probability in [0, 1), or name -> probability."""
+    expected = "expected a probability in [0, 1) or a mapping modality -> probability in [0, 1)"
+    if _is_number(value):
+        p = float(value)  # type: ignore[arg-type]
+        if 0 <= p < 1:
+            return p
+        raise MMLearnError(f"{owner}: data.modality_dropout={value!r}; {expected}")
+    if isinstance(value, Mapping):
+        out: dict[str, float] = {}
+        for m, p in value.items():
+            if not isinstance(m, str) or not _is_number(p) or not 0 <= float(p) < 1:
+                raise MMLearnError(
+                    f"{owner}: data.modality_dropout={dict(value)!r}: {m!r} has {p!r}; "
+                    "expected a probability in [0, 1) per modality name"
+                )
+            out[m] = float(p)
+        return out
+    raise MMLearnError(f"{owner}: data.modality_dropout={value!r}; {expected}")
+
+
 class MultimodalDataModule(pl.LightningDataModule):
     """Base of every DataModule.
 
@@ -88,6 +290,22 @@ class MultimodalDataModule(pl.LightningDataModule):
         seed: seed of the split and of the shuffling order; ``None`` follows ``seed_everything``
             (``$PL_GLOBAL_SEED``, 0 when unset), so one seed per run fixes everything.
         predict_split: the split ``mmlearn predict`` serves: ``train``, ``val`` or ``test``.
+        modality_dropout: training-time modality dropout (ModDrop, Neverova et al., TPAMI 2016):
+            one probability in ``[0, 1)`` for every modality, or modality name -> probability
+            (modalities not named: 0). Per training sample and epoch each modality is
+            removed independently; a sample that would lose all of them is drawn again. The
+            masks are a function of ``seed``, the epoch and the sample's index only. Training
+            batches then carry ``present`` and the removed inputs are replaced by the fill.
+            Validation, test and predict batches are never dropped.
+        modality_dropout_fill: what replaces a removed input: ``mean`` (the training mean of
+            that modality's input, :meth:`input_means`) or ``zero``. Integer inputs (token ids)
+            have no mean: with ``mean``, a probability > 0 for one is an error.
+        train_fraction: train on this stratified random fraction of the training split, in
+            ``(0, 1]`` (per class ``round(fraction * n_class)`` samples, fixed by ``seed``; the
+            kept samples are copied into memory). Taken after the split is made, so val and test
+            are unchanged; class frequencies, input means and the loader use the reduced split.
+            Statistics a family computes inside ``load_splits`` (the standardisation of mfeat,
+            Fashion-MNIST, MIMIC, tables) come from the full training split.
     """
 
     #: what the data was read from, named in errors (a path, or a generator description).
@@ -99,6 +317,9 @@ class MultimodalDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         predict_split: str = "test",
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -112,7 +333,26 @@ class MultimodalDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.predict_split = predict_split
         self._check_predict_split()
+        self.modality_dropout = _check_dropout(type(self).__name__, modality_dropout)
+        if modality_dropout_fill not in FILLS:
+            raise MMLearnError(
+                f"{type(self).__name__}: data.modality_dropout_fill={modality_dropout_fill!r}; "
+                f"expected one of {list(FILLS)}"
+            )
+        self.modality_dropout_fill = modality_dropout_fill
+        if not (_is_number(train_fraction) and 0 < train_fraction <= 1):
+            raise MMLearnError(
+                f"{type(self).__name__}: data.train_fraction={train_fraction!r}; expected a "
+                "fraction in (0, 1] (1: the whole training split)"
+            )
+        self.train_fraction = float(train_fraction)
+        #: positions in the loaded training split that ``train_fraction`` keeps (None: all)
+        self.train_indices: Tensor | None = None
         self._splits: dict[str, Split] | None = None
+        self._input_means: dict[str, Tensor | None] | None = None
+        self._input_means_source = ""
+        self._fills: dict[str, Tensor] = {}  # modality -> fill, while dropout is on
+        self._device_fills: dict[tuple[str, str], Tensor] = {}
 
     # ---- what a dataset family implements --------------------------------------------------
     def load_splits(self) -> dict[str, Split]:
@@ -133,9 +373,47 @@ class MultimodalDataModule(pl.LightningDataModule):
     @property
     def splits(self) -> dict[str, Split]:
         if self._splits is None:
-            self._splits = self.load_splits()
-            self._validate(self._splits)
+            splits = self.load_splits()
+            self._validate(splits)
+            if self.train_fraction < 1:  # after the split, before anything reads train
+                self.train_indices = self._train_subset(splits["train"].target)
+                train = splits["train"]
+                splits = dict(splits)
+                splits["train"] = Split(
+                    {m: x[self.train_indices] for m, x in train.inputs.items()},
+                    train.target[self.train_indices],
+                )
+            self._splits = splits
         return self._splits
+
+    def _train_subset(self, target: Tensor) -> Tensor:
+        """Sorted positions of the ``train_fraction`` kept, stratified by class.
+
+        Multi-label data is stratified by each sample's first label (no label: a stratum of
+        its own), as the cached families split off validation.
+        """
+        src = self.source or type(self).__name__
+        if target.ndim == 2:
+            strata = torch.where(target.bool().any(1), target.float().argmax(1), -1)
+        else:
+            strata = target
+        names = getattr(self, "classes", None)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, _FRACTION_STREAM))
+        kept = []
+        for c in strata.unique(sorted=True).tolist():
+            idx = (strata == c).nonzero().flatten()
+            k = math.floor(self.train_fraction * len(idx) + 0.5)  # round half up
+            if k == 0:
+                what = "no label" if c < 0 else f"class {c}"
+                if c >= 0 and isinstance(names, (list, tuple)) and c < len(names):
+                    what += f" ({names[c]!r})"
+                raise MMLearnError(
+                    f"{src}: data.train_fraction={self.train_fraction} keeps no training sample "
+                    f"of {what}, which has {len(idx)}; expected a fraction >= "
+                    f"{0.5 / len(idx):.3g}, which keeps at least one sample per class"
+                )
+            kept.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+        return torch.cat(kept).sort().values
 
     @property
     def modalities(self) -> list[str]:
@@ -256,8 +534,127 @@ class MultimodalDataModule(pl.LightningDataModule):
     # ---- Lightning hooks -------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         _ = self.splits  # load and validate before any training step
+        if stage in (None, "fit"):  # the modalities are known now: check the dropout options
+            self.dropout_probabilities()
         if stage == "predict":  # before any prediction: a bad predict file or id column
             _ = self.predict_ids()
+
+    # ---- modality dropout ------------------------------------------------------------------
+    def dropout_probabilities(self) -> dict[str, float]:
+        """Modality -> its dropout probability (``modality_dropout`` resolved on the data).
+
+        Raises:
+            MMLearnError: a named modality is not in the data; a single modality (a sample
+                never loses all, so nothing could be removed); an integer modality (token ids)
+                with a probability > 0 and ``modality_dropout_fill: mean``.
+        """
+        src = self.source or type(self).__name__
+        train = self.splits["train"]
+        modalities = list(train.inputs)
+        value = self.modality_dropout
+        if isinstance(value, dict):
+            unknown = [m for m in value if m not in train.inputs]
+            if unknown:
+                raise MMLearnError(
+                    f"{src}: data.modality_dropout={value!r} names modalities {unknown} that the "
+                    f"data does not have; its modalities are {modalities}"
+                )
+            probabilities = {m: float(value.get(m, 0.0)) for m in modalities}
+        else:
+            probabilities = dict.fromkeys(modalities, float(value))
+        dropped = [m for m, p in probabilities.items() if p > 0]
+        if dropped and len(modalities) == 1:
+            raise MMLearnError(
+                f"{src}: data.modality_dropout={value!r}, but the data has a single modality "
+                f"({modalities[0]!r}) and a sample never loses all its modalities; expected 0"
+            )
+        if self.modality_dropout_fill == "mean":
+            for m in dropped:
+                x = train.inputs[m]
+                if not (torch.is_floating_point(x) or x.dtype == torch.uint8):
+                    raise MMLearnError(
+                        f"{src}: data.modality_dropout={value!r} removes modality {m!r}, whose "
+                        f"inputs are {x.dtype} (token ids) and have no mean to fill in; set "
+                        f"data.modality_dropout_fill=zero (token id 0), or give {m!r} "
+                        "probability 0 in a per-modality mapping"
+                    )
+        return probabilities
+
+    def _dropout_fills(self, probabilities: Mapping[str, float]) -> dict[str, Tensor]:
+        """Modality -> the value its removed inputs become, for each modality with p > 0.
+
+        ``zero``: zeros in the storage dtype (zero after the float conversion too). ``mean``:
+        :meth:`input_means` in float32 (possibly restored from a checkpoint: checked here).
+        """
+        src = self.source or type(self).__name__
+        train = self.splits["train"]
+        dropped = [m for m, p in probabilities.items() if p > 0]
+        if self.modality_dropout_fill == "zero":
+            return {
+                m: torch.zeros(train.inputs[m].shape[1:], dtype=train.inputs[m].dtype)
+                for m in dropped
+            }
+        means = self.input_means()
+        fills = {}
+        for m in dropped:
+            mean, shape = means.get(m), list(train.inputs[m].shape[1:])
+            if mean is None or list(mean.shape) != shape:
+                got = "no mean" if mean is None else f"a mean of shape {list(mean.shape)}"
+                raise MMLearnError(
+                    f"{src}: the input means ({self._input_means_source}) have {got} for "
+                    f"modality {m!r}, whose samples are {shape}: they were restored from a "
+                    "checkpoint of other data; resume with the run's data, or set "
+                    "data.modality_dropout_fill=zero"
+                )
+            fills[m] = mean.to(torch.float32)
+        return fills
+
+    # ---- the training split's input means (stored with the run) ----------------------------
+    def input_means(self) -> dict[str, Tensor | None]:
+        """Modality -> the training split's mean input (the sample shape, float32), cached.
+
+        The element-wise mean over training samples of what the model sees: uint8 storage
+        divided by 255, float16 as float32 (``on_after_batch_transfer``). ``None`` for integer
+        inputs (token ids). With ``train_fraction``, the mean of the reduced split. A
+        checkpoint's means (:meth:`load_state_dict`) replace these.
+        """
+        if self._input_means is None:
+            train = self.splits["train"]
+            n = int(train.target.shape[0])
+            self._input_means = {m: _model_mean(x) for m, x in train.inputs.items()}
+            fraction = f", train_fraction={self.train_fraction}" if self.train_fraction < 1 else ""
+            self._input_means_source = f"training split ({n} samples{fraction})"
+        return dict(self._input_means)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning saves in every checkpoint, under ``type(self).__qualname__``.
+
+        ``{"input_means": {modality: Tensor | None}, "input_means_source": str}``: the training
+        means (:meth:`input_means`, one pass over the training tensors the first time) and what
+        they were computed from.
+        """
+        means = self.input_means()
+        return {
+            "input_means": {m: None if v is None else v.clone() for m, v in means.items()},
+            "input_means_source": self._input_means_source,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the input means of a checkpoint (a state without them changes nothing).
+
+        A resumed run then fills removed inputs with the means it trained with, even if the
+        data changed since. Lightning calls this after ``setup``, before the loaders are built.
+        """
+        means = state_dict.get("input_means")
+        if not isinstance(means, Mapping):
+            return  # a checkpoint written before the means were stored
+        self._input_means = {
+            str(m): None if v is None else torch.as_tensor(v).detach().cpu().float()
+            for m, v in means.items()
+        }
+        source = state_dict.get("input_means_source") or "unknown data"
+        self._input_means_source = f"{source}, restored from a checkpoint"
+        self._device_fills.clear()
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader[Any]:
         return self._split_loader(self.splits[name], shuffle)
@@ -275,7 +672,26 @@ class MultimodalDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        return self._loader("train", shuffle=True)
+        """The training loader; with ``modality_dropout``, batches carry ``present`` and the
+        removed inputs are filled (in the loader where the fill has the storage dtype, else on
+        the device in :meth:`on_after_batch_transfer`)."""
+        probabilities = self.dropout_probabilities()
+        if not any(p > 0 for p in probabilities.values()):
+            self._fills = {}
+            return self._loader("train", shuffle=True)
+        self._fills, self._device_fills = self._dropout_fills(probabilities), {}
+        split = self.splits["train"]
+        order = EpochSeededSampler(len(split.target), self.seed, shuffle=True)
+        sampler = ModalityDropoutSampler(order, list(probabilities.values()))
+        # BatchSampler groups whatever its sampler yields; torch types it for int indices only
+        batches = ResumableBatchSampler(cast(Sampler[int], sampler), self.batch_size, False)
+        return ResumableDataLoader(
+            MaskedSplitDataset(split),
+            batch_sampler=batches,
+            collate_fn=DropoutCollate(list(probabilities), self._fills),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader[Any]:
         return self._loader("val", shuffle=False)
@@ -298,7 +714,18 @@ class MultimodalDataModule(pl.LightningDataModule):
                     batch.inputs[m] = x.float().div_(255.0)
                 elif x.is_floating_point() and x.dtype != torch.float32:
                     batch.inputs[m] = x.float()
+            if self._fills and batch.present is not None:
+                # modality dropout: the fills the loader could not apply to compact storage
+                fill_absent(batch, {m: self._device_fill(m, batch) for m in self._fills})
         return batch
+
+    def _device_fill(self, m: str, batch: MultimodalBatch) -> Tensor:
+        """The fill of ``m`` on the batch's device, copied there once."""
+        device = batch.inputs[m].device
+        key = (m, str(device))
+        if key not in self._device_fills:
+            self._device_fills[key] = self._fills[m].to(device)
+        return self._device_fills[key]
 
     def class_frequencies(self) -> Tensor:
         """The training split's class frequencies ``[K]`` (float32): the class prior ``p(y)``.

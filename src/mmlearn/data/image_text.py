@@ -133,6 +133,8 @@ class ImageText(CachedDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         seed: seed of the validation split and the shuffling (``None``: ``seed_everything``).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -152,9 +154,22 @@ class ImageText(CachedDataModule):
         num_workers: int = 2,
         seed: int | None = None,
         predict_split: str = "test",
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
-            name, root, val_fraction, prepare_workers, batch_size, num_workers, seed, predict_split
+            name,
+            root,
+            val_fraction,
+            prepare_workers,
+            batch_size,
+            num_workers,
+            seed,
+            predict_split,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         self.keys = (image_key, text_key, label_key)
         self.classes = list(classes) if classes is not None else None

@@ -148,6 +148,8 @@ class TableDataModule(MultimodalDataModule):
         id_column: the column that names each row in ``predictions.csv``; ``id`` by default, and
             then only when the file has one; without it (or with ``null``) a row is named by its
             row number in the file (0: the first row after the header).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -168,10 +170,19 @@ class TableDataModule(MultimodalDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         self.source = str(path)
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, seed=seed, predict_split=predict_split
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            predict_split=predict_split,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         if (modalities is None) == (modality_prefixes is None):
             raise MMLearnError(
@@ -347,7 +358,10 @@ class TableDataModule(MultimodalDataModule):
         split = self._check_predict_split()
         _ = self.splits
         assert self._rows is not None
-        return self._ids(self.path, self.columns, self._rows[split])
+        rows = self._rows[split]
+        if split == "train" and self.train_indices is not None:  # train_fraction's rows only
+            rows = rows[self.train_indices]
+        return self._ids(self.path, self.columns, rows)
 
     def _ids(self, path: Path, cols: dict[str, np.ndarray], rows: torch.Tensor) -> list[str]:
         column = self.id_column
