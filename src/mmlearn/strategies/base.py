@@ -47,8 +47,12 @@ class JointModel(nn.Module):
         """Per-modality features ``{m: [B, d_m]}``."""
         return {m: enc(inputs[m]) for m, enc in self.encoders.items()}
 
+    def decode(self, features: Mapping[str, Tensor]) -> Tensor:
+        """The fusion and the head on given features ``{m: [B, d_m]}`` -> ``z_J [B, K]``."""
+        return self.head(self.fusion(features))
+
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        return self.head(self.fusion(self.features(inputs)))
+        return self.decode(self.features(inputs))
 
 
 class UnimodalExpert(nn.Module):
@@ -96,6 +100,9 @@ class MultimodalModule(pl.LightningModule):
 
     #: Whether the forward pass returns unimodal logits, measured as ``{stage}/acc/{modality}``.
     has_experts: bool = False
+    #: Whether the inference rule leaves absent modalities' experts out of a product (``drop``,
+    #: docs/methods.md section 8); the others can only be given imputed inputs or features.
+    drops_experts: bool = False
 
     def __init__(
         self,
@@ -204,6 +211,24 @@ class MultimodalModule(pl.LightningModule):
         self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         """The strategy's inference rule: log-probabilities ``[B, K]``."""
+        raise NotImplementedError
+
+    # ---- the model split at its features: what `mmlearn evaluate` runs once per sample --------
+    def feature_encoders(self) -> dict[str, tuple[str, nn.Module]]:
+        """Every encoder of the model by name: ``name -> (modality, encoder)``.
+
+        Names are module paths (``joint.m0`` for the joint model's encoder of ``m0``,
+        ``experts.m0`` for the unimodal expert's own). A strategy lists each encoder once;
+        :meth:`decode` of :meth:`encode` is :meth:`forward` (tested for every strategy).
+        """
+        raise NotImplementedError
+
+    def encode(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Features ``{encoder name: [B, D]}`` of every encoder on its modality's input."""
+        return {name: enc(inputs[m]) for name, (m, enc) in self.feature_encoders().items()}
+
+    def decode(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What :meth:`forward` returns, from the features :meth:`encode` gives."""
         raise NotImplementedError
 
     # ---- one label (softmax) or several (independent sigmoids): see mmlearn.likelihood ------

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
 from mmlearn.heads import all_present
-from mmlearn.strategies.base import FUSED, MultimodalModule
+from mmlearn.strategies.base import FUSED, MultimodalModule, UnimodalExpert
 
 MISSING_JOINT = ("impute", "drop")
 
@@ -42,6 +42,7 @@ class I2M2(MultimodalModule):
     """
 
     has_experts = True
+    drops_experts = True
 
     def __init__(
         self,
@@ -86,6 +87,16 @@ class I2M2(MultimodalModule):
         out = {FUSED: self.joint(inputs)}
         out |= {m: expert(inputs[m]) for m, expert in self.experts.items()}
         return out
+
+    def feature_encoders(self) -> dict[str, tuple[str, nn.Module]]:
+        joint = {f"joint.{m}": (m, e) for m, e in self.joint.encoders.items()}
+        experts = {m: cast(UnimodalExpert, e) for m, e in self.experts.items()}
+        return joint | {f"experts.{m}": (m, e.encoder) for m, e in experts.items()}
+
+    def decode(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = {FUSED: self.joint.decode({m: features[f"joint.{m}"] for m in self.modalities})}
+        experts = {m: cast(UnimodalExpert, e) for m, e in self.experts.items()}
+        return out | {m: e.head(features[f"experts.{m}"]) for m, e in experts.items()}
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         return {"product": self.nll(self.likelihood.product_of_experts(outputs), target)}

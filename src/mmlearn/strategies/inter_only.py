@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmlearn.strategies.base import FUSED, MultimodalModule
 
@@ -27,6 +27,12 @@ class InterOnly(MultimodalModule):
 
     def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {FUSED: self.joint(inputs)}
+
+    def feature_encoders(self) -> dict[str, tuple[str, nn.Module]]:
+        return {f"joint.{m}": (m, e) for m, e in self.joint.encoders.items()}
+
+    def decode(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {FUSED: self.joint.decode({m: features[f"joint.{m}"] for m in self.modalities})}
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         return {FUSED: self.loss(outputs[FUSED], target)}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mmlearn.errors import MMLearnError
-from mmlearn.strategies.base import MultimodalModule
+from mmlearn.strategies.base import MultimodalModule, UnimodalExpert
 
 MODES = ("joint", "independent")
 
@@ -48,6 +48,7 @@ class IntraOnly(MultimodalModule):
     """
 
     has_experts = True
+    drops_experts = True
 
     def __init__(
         self,
@@ -112,6 +113,15 @@ class IntraOnly(MultimodalModule):
 
     def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {m: expert(inputs[m]) for m, expert in self.experts.items()}
+
+    def feature_encoders(self) -> dict[str, tuple[str, nn.Module]]:
+        return {f"experts.{m}": (m, self._expert(m).encoder) for m in self.modalities}
+
+    def decode(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self._expert(m).head(features[f"experts.{m}"]) for m in self.modalities}
+
+    def _expert(self, modality: str) -> UnimodalExpert:
+        return cast(UnimodalExpert, self.experts[modality])
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         if self.mode == "independent":

@@ -49,6 +49,14 @@ class LateFusionHeads(MultimodalModule):
     def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return self.forward_features(inputs)[1]
 
+    def feature_encoders(self) -> dict[str, tuple[str, nn.Module]]:
+        return {f"joint.{m}": (m, e) for m, e in self.joint.encoders.items()}
+
+    def decode(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        feats = {m: features[f"joint.{m}"] for m in self.modalities}
+        out = {FUSED: self.joint.decode(feats)}
+        return out | {m: head(feats[m]) for m, head in self.heads.items()}
+
     def objective_graph(
         self, inputs: Mapping[str, Tensor], target: Tensor
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
