@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from mmlearn.data import DATA_MODULES, MultimodalDataModule
 from mmlearn.errors import MMLearnError, chain, user_error
+from mmlearn.evaluation.command import evaluate_main
 from mmlearn.evaluation.compare import compare_main
 from mmlearn.lightning_cli import MMLearnCLI, build_cli
 from mmlearn.prepare import prepare_main
@@ -38,6 +39,7 @@ __all__ = ["MMLearnCLI", "build_cli", "check_choices", "main"]
 PROJECT_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "prepare": prepare_main,
     "compare": compare_main,
+    "evaluate": evaluate_main,
     "slurm": slurm_main,
 }
 
@@ -124,6 +126,7 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 PROJECT_HELP: dict[str, str] = {
     "prepare": "put a dataset's files where its DataModule reads them (prepare mfeat)",
     "compare": "fit and test strategies over seeds, then report mean, CI and paired tests",
+    "evaluate": "why a run predicts as it does: missing modalities, calibration, Shapley, probes",
     "slurm": "fill in a Slurm script for a config and submit it (--dry-run: write only)",
 }
 

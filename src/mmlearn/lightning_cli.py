@@ -584,11 +584,14 @@ def with_run_config(args: Sequence[str]) -> list[str]:
     return head + args[1:] + ([] if run_dir else [f"--run_dir={run}"])
 
 
-def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MMLearnCLI:
+def build_cli(
+    args: Sequence[str] | None = None, run: bool = True, cli_class: type[MMLearnCLI] = MMLearnCLI
+) -> MMLearnCLI:
     """Construct (and by default run) the CLI on ``args`` (``--config`` files read first; a
-    checkpoint of a run folder brings its ``config.yaml``, :func:`with_run_config`)."""
+    checkpoint of a run folder brings its ``config.yaml``, :func:`with_run_config`).
+    ``cli_class``: a subclass that runs a subcommand its own way (``mmlearn evaluate``)."""
     quiet_lightning()
-    return MMLearnCLI(
+    return cli_class(
         MultimodalModule,
         MultimodalDataModule,
         subclass_mode_model=True,

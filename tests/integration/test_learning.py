@@ -7,8 +7,12 @@ IntraOnly scored 0.508 while InterOnly and I2M2 scored >= 0.99; on mfeat all thr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
+from mmlearn.cli import main
 from mmlearn.evaluation.compare import run_one
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,14 +26,27 @@ PURE_INTER = [
 
 
 def test_intra_only_cannot_learn_a_purely_inter_modality_label(tmp_path: Path) -> None:
-    acc = {}
+    acc, runs = {}, {}
     for name in ("inter_only", "intra_only", "i2m2"):
         row = run_one(str(REPO / f"experiments/synthetic/{name}.yaml"), 0, tmp_path, PURE_INTER)
-        acc[name] = row["test/acc"]
+        acc[name], runs[name] = row["test/acc"], Path(row["run_dir"])
     # the label is a parity of per-modality codes: no unimodal expert can see it
     assert 0.42 <= acc["intra_only"] <= 0.58, acc
     assert acc["inter_only"] >= 0.9, acc
     assert acc["i2m2"] >= 0.9, acc
+    # and `mmlearn evaluate` shows it: every single modality alone is at chance (K = 2) under
+    # every semantics, while the full set is not
+    for name in ("inter_only", "i2m2"):
+        (ckpt,) = (runs[name] / "checkpoints").glob("best-*.ckpt")
+        with pytest.raises(SystemExit) as done:
+            main(["evaluate", "--ckpt_path", str(ckpt), "--probes=false"])
+        assert done.value.code == 0
+        saved = json.loads((runs[name] / "evaluate" / ckpt.stem / "evaluation.json").read_text())
+        assert saved["full"]["acc"] >= 0.9, (name, saved["full"])
+        singles = [r for r in saved["missing"] if r["size"] == 1 and "acc" in r]
+        assert len(singles) == 2 * (4 if name == "i2m2" else 3)
+        for r in singles:
+            assert abs(r["acc"] - 0.5) <= 0.08, (name, r)
 
 
 def test_mfeat_reaches_high_accuracy(tmp_path: Path, mfeat_root: Path, monkeypatch) -> None:
