@@ -284,8 +284,8 @@ def test_a_metric_a_strategy_does_not_log_is_na_for_it(tmp_path: Path) -> None:
         )
     assert done.value.code == 0
     table = (out / "summary.md").read_text().split("**test/acc/m0**")[1].splitlines()
-    assert table[4] == "| inter_only | 0 | n/a | n/a | n/a |  |  |"
-    assert table[5].startswith("| i2m2 | 1 | ") and table[5].endswith("| no pairs |  |  |")
+    assert table[4] == "| inter_only | 0 | n/a | n/a | n/a |  |  |  |"
+    assert table[5].startswith("| i2m2 | 1 | ") and table[5].endswith("| no pairs |  |  |  |")
     entries = {(r["strategy"], r["metric"]) for r in read(out / "summary.csv")}
     assert ("i2m2", "test/acc/m0") in entries and ("inter_only", "test/acc/m0") not in entries
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

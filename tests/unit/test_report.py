@@ -61,16 +61,18 @@ def test_markdown_table_cells(tmp_path) -> None:
     table = markdown_table(summary, "A").splitlines()
     assert table[0] == "**test/acc** (mean ± std over seeds, 95% CI; paired by seed vs **A**)"
     assert table[1] == ""
-    assert table[2].count("|") == 8 and table[3] == "|---|---|---|---|---|---|---|"
+    assert table[2].count("|") == 9 and table[3] == "|---|---|---|---|---|---|---|---|"
     a, b, c = ([cell.strip() for cell in line.strip("|").split("|")] for line in table[4:])
     half = 4.302652729911275 * 0.02 / math.sqrt(3)
     ci = f"[{0.92 - half:.4f}, {0.92 + half:.4f}]"
-    assert a == ["A", "3", "0.9200 ± 0.0200", ci, "(baseline)", "", ""]
+    assert a == ["A", "3", "0.9200 ± 0.0200", ci, "(baseline)", "", "", ""]
     d = [0.03, 0.03, 0.02]
     d_half = 4.302652729911275 * stats.tstd(d) / math.sqrt(3)
     d_mean = sum(d) / 3
     assert b[4] == f"{d_mean:+.4f} [{d_mean - d_half:.4f}, {d_mean + d_half:.4f}]"
-    assert b[5:] == [f"{stats.ttest_rel(B, A).pvalue:.3f}", "0.250"]
+    # Holm over the one strategy with a test (C has one pair): its own p
+    p_t = f"{stats.ttest_rel(B, A).pvalue:.3f}"
+    assert b[5:] == [p_t, p_t, "0.250"]
     # one seed: no interval, no test, one pair
     assert c[1] == "1" and c[3] == "[n/a, n/a]" and c[4].startswith("+0.0000 [n/a, n/a]")
     assert c[5] == "n/a"
@@ -119,10 +121,11 @@ def test_a_strategy_without_shared_seeds_says_no_pairs() -> None:
     assert len(blocks) == 2 and blocks[1].startswith("test/f1**")
     lines = text.splitlines()
     assert lines[2] == (
-        "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) | p (W) |"
+        "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) "
+        "| p (t, Holm) | p (W) |"
     )
     c_row = [cell.strip() for cell in lines[5].strip("|").split("|")]
-    assert c_row[0] == "C" and c_row[4:] == ["no pairs", "", ""]
+    assert c_row[0] == "C" and c_row[4:] == ["no pairs", "", "", ""]
 
 
 def test_a_strategy_without_a_metric_is_a_row_of_na() -> None:
@@ -133,11 +136,11 @@ def test_a_strategy_without_a_metric_is_a_row_of_na() -> None:
     text = markdown_table(summary, "A", strategies=["A", "B", "C"])
     acc, m0 = text.split("\n\n**test/acc/m0**")
     assert acc.splitlines()[4].startswith("| A | 3 | 0.9200 ± 0.0200 |")
-    assert acc.splitlines()[6] == "| C | 0 | n/a | n/a | n/a |  |  |"  # C: no run finished
+    assert acc.splitlines()[6] == "| C | 0 | n/a | n/a | n/a |  |  |  |"  # C: no run finished
     lines = m0.splitlines()
-    assert lines[4] == "| A | 0 | n/a | n/a | n/a |  |  |"  # the baseline lacks it: no pairs
+    assert lines[4] == "| A | 0 | n/a | n/a | n/a |  |  |  |"  # the baseline lacks it: no pairs
     assert lines[5].startswith("| B | 3 | 0.9200 ± 0.0200 |") and "| no pairs |" in lines[5]
-    assert lines[6] == "| C | 0 | n/a | n/a | n/a |  |  |" and len(lines) == 7
+    assert lines[6] == "| C | 0 | n/a | n/a | n/a |  |  |  |" and len(lines) == 7
     # the strategies default to those of the summary; a strategy it has is never dropped
     assert markdown_table(summary, "A").count("\n| ") == 3 + 3  # header, A, B per table
     assert "| B | 3 |" in markdown_table(summary, "A", strategies=["A"])
@@ -149,8 +152,8 @@ def test_a_metric_no_strategy_has_is_a_table_of_na() -> None:
     acc, pix = text.split("\n\n**test/acc/pix**")
     assert acc.count("\n| ") == 3 and pix.startswith(" (mean ± std")
     assert pix.splitlines()[4:] == [
-        "| A | 0 | n/a | n/a | n/a |  |  |",
-        "| B | 0 | n/a | n/a | n/a |  |  |",
+        "| A | 0 | n/a | n/a | n/a |  |  |  |",
+        "| B | 0 | n/a | n/a | n/a |  |  |  |",
     ]
 
 
@@ -163,3 +166,21 @@ def test_plot_leaves_out_what_a_strategy_did_not_measure(tmp_path) -> None:
     assert plot(runs, summary, path, strategies=["A", "B", "C"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot([], [], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_holm_adjusts_by_hand_values_and_keeps_nan() -> None:
+    from mmlearn.evaluation.report import holm
+
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01, max(0.03, 2 x 0.03), max(0.06, 1 x 0.04)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    got = holm([0.5, math.nan, 0.02])
+    assert math.isnan(got[1]) and got[0] == pytest.approx(0.5) and got[2] == pytest.approx(0.04)
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_constant_differences_have_no_t_test_p() -> None:
+    # every seed 0.002 below the baseline: no spread, so no t-test (its p would be 0)
+    summary = summarise(rows(A=[0.9, 0.8, 0.7], B=[0.898, 0.798, 0.698]), ["test/acc"], "A")
+    (b,) = [e for e in summary if e["strategy"] == "B"]
+    assert math.isnan(b["p_ttest"]) and math.isnan(b["p_holm"])
+    assert b["p_wilcoxon"] == pytest.approx(0.25)

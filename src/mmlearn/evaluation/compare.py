@@ -48,6 +48,8 @@ import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmlearn.errors import MMLearnError, user_error
+from mmlearn.evaluation import compare_eval
+from mmlearn.evaluation.compare_eval import EVAL_REPORTS
 from mmlearn.evaluation.report import Row, markdown_table, plot, summarise, write_csv
 from mmlearn.lightning_cli import build_cli
 
@@ -63,6 +65,7 @@ REPORTS = (
     "comparison.png",
     "failures.csv",
     "failures.log",
+    *EVAL_REPORTS,
 )
 #: seconds a stopped worker has to exit after SIGTERM before it is killed (its fit saves
 #: ``last.ckpt`` at the end of the current batch, then exits)
@@ -79,6 +82,14 @@ class Task:
     index: int
     config: str
     seed: int
+    #: ``--train_fractions``: the DataModule's ``train_fraction`` of this run (None: not set)
+    fraction: float | None = None
+
+    def extra(self, settings: Settings) -> tuple[str, ...]:
+        """The ``--set`` options, and this run's training fraction."""
+        if self.fraction is None:
+            return settings.extra
+        return (*settings.extra, f"--data.init_args.train_fraction={self.fraction}")
 
     @property
     def strategy(self) -> str:
@@ -92,6 +103,8 @@ class Settings:
     out: Path
     extra: tuple[str, ...] = ()
     wandb: bool = False
+    #: ``--evaluate``: evaluate every run's best checkpoint (mmlearn.evaluation.evaluate)
+    evaluate: bool = False
 
 
 @dataclass
@@ -186,9 +199,18 @@ def _fit_args(config: str, seed: int, out: Path, extra: Sequence[str], wandb: bo
 
 
 def run_one(
-    config: str, seed: int, out: Path, extra: Sequence[str] = (), wandb: bool = False
+    config: str,
+    seed: int,
+    out: Path,
+    extra: Sequence[str] = (),
+    wandb: bool = False,
+    evaluate: bool = False,
 ) -> Row:
-    """Fit ``config`` with ``seed``, test its best checkpoint, return the row of the table."""
+    """Fit ``config`` with ``seed``, test its best checkpoint, return the row of the table.
+
+    With ``evaluate``, the best checkpoint is also evaluated (``mmlearn evaluate``'s files in
+    ``RUN/evaluate/<checkpoint>/``; the row's ``evaluation`` names its ``evaluation.json``).
+    """
     from lightning.pytorch.loggers import WandbLogger
 
     start = time.perf_counter()
@@ -199,13 +221,47 @@ def run_one(
         cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False
     )
     test_s = time.perf_counter() - start
+    evaluation = _evaluate_best(cli) if evaluate else None
     for logger in cli.trainer.loggers:  # the next run must start its own W&B run
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
     row: Row = {"strategy": strategy_label(config), "seed": seed}
     row |= {k: float(v) for k, v in results[0].items() if k.startswith("test/")}
     row |= {"fit_s": fit_s, "test_s": test_s, "run_dir": cli.trainer.log_dir}
+    fraction = getattr(cli.datamodule, "train_fraction", 1.0)
+    if fraction != 1.0:
+        row["train_fraction"] = fraction
+    if evaluation is not None:
+        row["evaluation"] = str(evaluation)
     return row
+
+
+def _evaluate_best(cli: Any) -> Path:
+    """Evaluate the tested (best) weights of ``cli.model``; the path of its evaluation.json."""
+    import torch
+
+    from mmlearn.data.base import stored_input_means
+    from mmlearn.evaluation import eval_files
+    from mmlearn.evaluation.command import default_out, log_to_wandb
+    from mmlearn.evaluation.evaluate import evaluate
+    from mmlearn.lightning_cli import read_checkpoint
+
+    best = cli.trainer.checkpoint_callback.best_model_path
+    checkpoint = read_checkpoint(best)
+    means = stored_input_means(checkpoint)
+    with torch.no_grad():
+        result = evaluate(
+            cli.model,
+            cli.datamodule,
+            device=cli.trainer.strategy.root_device,
+            input_means=means,
+            means_source="stored with the run (its checkpoint)" if means is not None else None,
+        )
+    folder = default_out(best)
+    extra = {"checkpoint": best, "data": type(cli.datamodule).__name__}
+    eval_files.write(result, folder, extra)
+    log_to_wandb(cli.trainer.loggers, result, folder)
+    return folder / "evaluation.json"
 
 
 def _finish_wandb() -> None:
@@ -237,7 +293,14 @@ def attempt(task: Task, settings: Settings) -> Outcome:
     """
     start = time.perf_counter()
     try:
-        row = run_one(task.config, task.seed, settings.out, settings.extra, settings.wandb)
+        row = run_one(
+            task.config,
+            task.seed,
+            settings.out,
+            task.extra(settings),
+            settings.wandb,
+            settings.evaluate,
+        )
     except (Exception, SystemExit) as exc:
         stop = _stop_signal(exc) if isinstance(exc, SystemExit) else None
         if stop is not None:
@@ -245,7 +308,7 @@ def attempt(task: Task, settings: Settings) -> Outcome:
         if settings.wandb:
             _finish_wandb()
         took = time.perf_counter() - start
-        args = _fit_args(task.config, task.seed, settings.out, settings.extra, settings.wandb)
+        args = _fit_args(task.config, task.seed, settings.out, task.extra(settings), settings.wandb)
         error = one_line(exc, args)
         return Outcome(task, took, error=error, detail=traceback.format_exc())
     return Outcome(task, time.perf_counter() - start, row=row)
@@ -367,8 +430,9 @@ def progress_line(k: int, total: int, outcome: Outcome, metric: str) -> str:
         )
     value = outcome.row.get(metric)
     shown = "n/a" if value is None else f"{float(value):.4f}"
+    fraction = "" if task.fraction is None else f" (train_fraction {task.fraction:g})"
     return (
-        f"[{k}/{total}] {task.strategy} seed {task.seed}: {metric} {shown}  {took} s  "
+        f"[{k}/{total}] {task.strategy} seed {task.seed}{fraction}: {metric} {shown}  {took} s  "
         f"{outcome.row.get('run_dir')}"
     )
 
@@ -641,6 +705,15 @@ def collect(folders: Sequence[str]) -> tuple[list[Row], list[str]]:
                 continue
             row: Row = {"strategy": _label(cfg), "seed": cfg.get("seed_everything")}
             row |= {k: float(v) for k, v in tested[-1].items() if k.startswith("test/") and v}
+            fraction = ((cfg.get("data") or {}).get("init_args") or {}).get("train_fraction")
+            if fraction not in (None, 1, 1.0):
+                row["train_fraction"] = float(fraction)
+            evaluations = sorted(
+                (config.parent / "evaluate").glob("*/evaluation.json"),
+                key=lambda p: p.stat().st_mtime,
+            )
+            if evaluations:  # the newest `mmlearn evaluate` of the run
+                row["evaluation"] = str(evaluations[-1])
             rows.append(row | {"run_dir": str(config.parent)})
     if not rows:
         raise MMLearnError(
@@ -666,7 +739,9 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _log_to_wandb(out: Path, summary: Sequence[Row], table: str) -> None:
+def _log_to_wandb(
+    out: Path, summary: Sequence[Row], table: str, extra: Sequence[Path] = ()
+) -> None:
     """The comparison as its own W&B run (job type ``compare``): the summary table and the plot."""
     import wandb
 
@@ -689,7 +764,11 @@ def _log_to_wandb(out: Path, summary: Sequence[Row], table: str) -> None:
             ),
             "compare/plot": wandb.Image(str(out / "comparison.png")),
         }
+        | {f"compare/{p.stem}": wandb.Image(str(p)) for p in extra if p.suffix == ".png"}
     )
+    for p in extra:
+        if p.suffix == ".md":
+            run.summary[f"compare/{p.stem}"] = p.read_text()
     run.summary["compare/markdown"] = table
     run.finish()
 
@@ -707,8 +786,13 @@ def _report(
     metrics: list[str],
     baseline: str,
     wandb: bool,
+    evaluate: bool = False,
 ) -> None:
-    """Write and print the summary of ``rows`` (and list ``failures``)."""
+    """Write and print the summary of ``rows`` (and list ``failures``).
+
+    The tables are of the runs at the largest training fraction (all of them without
+    ``--train_fractions``); ``results.csv`` and the risk curves have every run.
+    """
     failed = failures_markdown(failures, total)
     if not rows:
         print(f"\nno run finished: nothing to summarise\n\n{failed}", flush=True)
@@ -722,17 +806,31 @@ def _report(
         if not any(metric in r for r in rows):
             logged = sorted({k for r in rows for k in r if k.startswith("test/")})
             print(f"note: no run logged {metric} (the runs logged {', '.join(logged)})")
-    summary = summarise(rows, metrics, baseline)
     _replace_csv(out / "results.csv", rows)
+    every = rows
+    top = max(float(r.get("train_fraction", 1.0)) for r in rows)
+    rows = [r for r in rows if float(r.get("train_fraction", 1.0)) == top]
+    summary = summarise(rows, metrics, baseline)
     if summary:
         write_csv(out / "summary.csv", summary)
     table = markdown_table(summary, baseline, strategies, metrics)
+    note = compare_eval.seeds_note(rows, finished, baseline)
+    if note:
+        table += f"\n\nNote: {note}."
+    if top != 1.0:
+        table = f"(runs at train_fraction {top:g})\n\n" + table
     (out / "summary.md").write_text(table + ("\n\n" + failed if failed else "") + "\n")
     drawn = plot(rows, summary, out / "comparison.png", strategies)
+    evaluation, eval_files = "", list[Path]()
+    if evaluate or any(r.get("evaluation") for r in every):
+        evaluation, eval_files = compare_eval.report(out, every, strategies, baseline)
     if wandb and drawn:
-        _log_to_wandb(out, summary, table)
+        _log_to_wandb(out, summary, table, eval_files)
     files = f"per run: {out / 'results.csv'}"
     files += f"   plot: {out / 'comparison.png'}" if drawn else ""
+    if eval_files:
+        table += "\n\n" + evaluation
+        files += "\nevaluation: " + ", ".join(str(f) for f in eval_files)
     if failed:
         failed += f"\n\nfailed runs: {out / 'failures.csv'}, tracebacks: {out / 'failures.log'}"
     print("\n" + table + ("\n\n" + failed if failed else "") + f"\n\n{files}", flush=True)
@@ -779,6 +877,21 @@ def compare_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--metrics", nargs="+", default=list(METRICS))
     parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="evaluate every run's best checkpoint (missing modalities, calibration, Shapley "
+        "values, probes) and summarise across strategies (with --collect: read the runs' "
+        "evaluations)",
+    )
+    parser.add_argument(
+        "--train_fractions",
+        nargs="+",
+        type=float,
+        metavar="F",
+        help="also run every config and seed at these training fractions (the DataModule's "
+        "train_fraction), for the risk curve; the tables are of the largest",
+    )
+    parser.add_argument(
         "--wandb",
         action="store_true",
         help="log every run and the comparison to W&B (offline without an account)",
@@ -803,7 +916,7 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         baseline = args.baseline or strategies[0]
         if baseline not in strategies:
             raise MMLearnError(f"--baseline {baseline!r} is not among the strategies {strategies}")
-        _report(out, rows, [], len(rows), strategies, metrics, baseline, args.wandb)
+        _report(out, rows, [], len(rows), strategies, metrics, baseline, args.wandb, args.evaluate)
         return 0
     if not args.configs:
         parser.error("give at least one experiment config (or --collect DIR)")
@@ -812,7 +925,8 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
     if repeated:
         raise MMLearnError(f"--seeds: {repeated} given twice (runs are paired by seed)")
-    settings = Settings(out, tuple(f"--{kv}" for kv in args.set), args.wandb)
+    fractions = _fractions(args.train_fractions)
+    settings = Settings(out, tuple(f"--{kv}" for kv in args.set), args.wandb, args.evaluate)
     check_configs(args.configs, args.seeds[0], settings)
     strategies = [strategy_label(c) for c in args.configs]
     baseline = args.baseline or strategies[0]
@@ -822,12 +936,14 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "(a strategy's label is its config's file name)"
         )
     prepare_out(out, args.overwrite)
-    pairs = [(c, s) for s in args.seeds for c in args.configs]
-    tasks = [Task(i, c, s) for i, (c, s) in enumerate(pairs)]
+    runs = [(c, s, f) for f in fractions for s in args.seeds for c in args.configs]
+    tasks = [Task(i, c, s, f) for i, (c, s, f) in enumerate(runs)]
     jobs = min(args.jobs, len(tasks))
     print(
         f"mmlearn compare: {_count(len(tasks), 'run')} ({_count(len(args.configs), 'config')} x "
-        f"{_count(len(args.seeds), 'seed')}), {jobs} at a time, into {out}",
+        f"{_count(len(args.seeds), 'seed')}"
+        + (f" x {_count(len(fractions), 'training fraction')}" if len(fractions) > 1 else "")
+        + f"), {jobs} at a time, into {out}",
         flush=True,
     )
     record = _Record(out, len(tasks), metrics[0])
@@ -852,5 +968,27 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
         return 128 + stop.signum
     rows = record.ordered_rows()
-    _report(out, rows, record.failures, len(tasks), strategies, metrics, baseline, args.wandb)
+    _report(
+        out,
+        rows,
+        record.failures,
+        len(tasks),
+        strategies,
+        metrics,
+        baseline,
+        args.wandb,
+        args.evaluate,
+    )
     return 1 if record.failures else 0
+
+
+def _fractions(given: Sequence[float] | None) -> list[float | None]:
+    """``--train_fractions``, checked and sorted (the largest last: the tables' runs)."""
+    if not given:
+        return [None]
+    bad = [f for f in given if not 0 < f <= 1]
+    if bad:
+        raise MMLearnError(f"--train_fractions {bad}: expected fractions in (0, 1]")
+    if len(set(given)) != len(given):
+        raise MMLearnError(f"--train_fractions {list(given)}: a fraction is given twice")
+    return [float(f) for f in sorted(given)]

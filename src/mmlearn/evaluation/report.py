@@ -35,14 +35,39 @@ def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _paired(diffs: np.ndarray) -> tuple[float, float]:
-    """(paired t-test p, Wilcoxon signed-rank p) of ``diffs`` against 0; NaN where undefined."""
+    """(paired t-test p, Wilcoxon signed-rank p) of ``diffs`` against 0; NaN where undefined.
+
+    Differences that are all equal have no spread: the t statistic is infinite and its p of 0
+    would read as certainty from, say, 3 seeds; it is NaN instead (the interval says the rest).
+    """
     if len(diffs) < 2 or not np.any(diffs):
         return math.nan, math.nan
+    if np.all(diffs == diffs[0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return math.nan, float(stats.wilcoxon(diffs).pvalue)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant differences: scipy warns, the p is still right
         t_p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
         w_p = float(stats.wilcoxon(diffs).pvalue)
     return t_p, w_p
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979; NaN stays NaN, not counted).
+
+    The i-th smallest of m p-values becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``: the
+    family-wise error over the compared strategies stays below the level.
+    """
+    idx = [i for i, p in enumerate(p_values) if not math.isnan(p)]
+    order = sorted(idx, key=lambda i: p_values[i])
+    m = len(order)
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
 
 
 def summarise(rows: Sequence[Row], metrics: Sequence[str], baseline: str) -> list[Row]:
@@ -77,6 +102,10 @@ def summarise(rows: Sequence[Row], metrics: Sequence[str], baseline: str) -> lis
                 entry |= {"pairs": diffs.size, "diff": d_mean, "diff_ci_low": d_lo}
                 entry |= {"diff_ci_high": d_hi, "p_ttest": t_p, "p_wilcoxon": w_p}
             out.append(entry)
+        # the tests of one metric against the baseline are a family: Holm over the strategies
+        tested = [e for e in out if e["metric"] == metric and "p_ttest" in e]
+        for e, p in zip(tested, holm([e["p_ttest"] for e in tested]), strict=True):
+            e["p_holm"] = p
     return out
 
 
@@ -107,23 +136,26 @@ def markdown_table(
         lines = [
             f"**{metric}** (mean ± std over seeds, 95% CI; paired by seed vs **{baseline}**)",
             "",
-            "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) | p (W) |",
-            "|---|---|---|---|---|---|---|",
+            "| strategy | seeds | mean ± std | 95% CI | Δ vs baseline [95% CI] | p (t) "
+            "| p (t, Holm) | p (W) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         entries = {e["strategy"]: e for e in summary if e["metric"] == metric}
         for s in [*strategies, *(s for s in entries if s not in strategies)]:
             e = entries.get(s)
             if e is None:
-                lines.append(f"| {s} | 0 | n/a | n/a | n/a |  |  |")
+                lines.append(f"| {s} | 0 | n/a | n/a | n/a |  |  |  |")
                 continue
             ci = f"[{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
             if "diff" in e:
                 diff = f"{e['diff']:+.4f} [{_fmt(e['diff_ci_low'])}, {_fmt(e['diff_ci_high'])}]"
                 p_t, p_w = _fmt(e["p_ttest"], 3), _fmt(e["p_wilcoxon"], 3)
+                p_h = _fmt(e.get("p_holm", math.nan), 3)
             else:
-                diff, p_t, p_w = "(baseline)" if e["strategy"] == baseline else "no pairs", "", ""
+                diff = "(baseline)" if e["strategy"] == baseline else "no pairs"
+                p_t = p_h = p_w = ""
             cells = [e["strategy"], str(e["n"]), f"{e['mean']:.4f} ± {e['std']:.4f}", ci, diff]
-            lines.append("| " + " | ".join([*cells, p_t, p_w]) + " |")
+            lines.append("| " + " | ".join([*cells, p_t, p_h, p_w]) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
