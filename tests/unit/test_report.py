@@ -96,8 +96,11 @@ def test_two_seeds_give_an_interval_and_p_values() -> None:
     (a, b) = summarise(rows(A=A[:2], B=B[:2]), ["test/acc"], baseline="A")
     half = 12.706204736174707 * stats.tstd(A[:2]) / math.sqrt(2)  # t_{0.975, 1}
     assert a["ci_low"] == pytest.approx(0.91 - half) and a["ci_high"] == pytest.approx(0.91 + half)
-    assert b["p_ttest"] == pytest.approx(stats.ttest_rel(B[:2], A[:2]).pvalue)
+    # both differences are 0.03: no spread, so the t-test's p (scipy: 1e-15) is not given
+    assert stats.ttest_rel(B[:2], A[:2]).pvalue < 1e-10 and math.isnan(b["p_ttest"])
     assert b["p_wilcoxon"] == pytest.approx(0.5)
+    (_, b) = summarise(rows(A=A[:2], B=[0.93, 0.96]), ["test/acc"], baseline="A")
+    assert b["p_ttest"] == pytest.approx(stats.ttest_rel([0.93, 0.96], A[:2]).pvalue)
 
 
 def test_one_nonzero_pair_has_no_p_value() -> None:
@@ -184,3 +187,8 @@ def test_constant_differences_have_no_t_test_p() -> None:
     (b,) = [e for e in summary if e["strategy"] == "B"]
     assert math.isnan(b["p_ttest"]) and math.isnan(b["p_holm"])
     assert b["p_wilcoxon"] == pytest.approx(0.25)
+    # as the metrics give them: float32 accuracies, equal differences up to the 8th digit
+    a32 = [0.9840000152587891, 0.9879999756813049, 0.9819999933242798]
+    b32 = [0.9819999933242798, 0.9860000014305115, 0.9800000190734863]
+    (b,) = [e for e in summarise(rows(A=a32, B=b32), ["test/acc"], "A") if e["strategy"] == "B"]
+    assert math.isnan(b["p_ttest"])
