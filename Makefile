@@ -30,9 +30,9 @@ $(DATA)/mfeat/mfeat-pix: | $(STAMP)
 data: $(DATA)/mfeat/mfeat-pix  ## fetch and unpack the UCI Multiple Features data into ./data
 
 DEMO := inter_only intra_only i2m2 mimo bogc mgda
-demo: install data  ## fit and test every strategy on mfeat over 3 seeds; print the table
+demo: install data  ## fit, test and evaluate every strategy on mfeat over 3 seeds; print the tables
 	MMLEARN_DATA=$(abspath $(DATA)) $(PY) -m mmlearn compare \
-		$(foreach s,$(DEMO),experiments/mfeat/$(s).yaml) --seeds 0 1 2 --out runs/demo --overwrite
+		$(foreach s,$(DEMO),experiments/mfeat/$(s).yaml) --seeds 0 1 2 --out runs/demo --overwrite --evaluate
 
 test: install data  ## type-check src/ (mypy), then run the test suite (PYTEST_ARGS=... to select)
 	$(VENV)/bin/mypy

@@ -157,6 +157,14 @@ def markdown(
                     sem += " (each alone, and all; every subset: evaluation.md, the heatmap)"
                 lines += [f"`{sem}`:", "", *_transposed(summary, strategies, mine), ""]
             continue
+        if prefix == "shapley/":  # one table per semantics: strategies x modalities
+            for sem in dict.fromkeys(m.split("/")[1] for m in chosen):
+                mine = [m for m in chosen if m.split("/")[1] == sem]
+                short = [f"{sem}/{m.rsplit('/', 1)[1]}" for m in mine]
+                table = _table(summary, strategies, mine, paired)
+                table[0] = "| strategy | " + " | ".join(x.split("/")[1] for x in short) + " |"
+                lines += [f"`{sem}`:", "", *table, ""]
+            continue
         lines += [*_table(summary, strategies, chosen, paired), ""]
     if dependency:
         lines += ["## Where the label lives", "", dependency, ""]
