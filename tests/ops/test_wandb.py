@@ -131,3 +131,29 @@ def test_compare_logs_every_run_and_the_comparison(no_account, tmp_path) -> None
     for run in runs:
         assert any((out / "wandb" / run).glob("run-*.wandb"))
     assert (out / "comparison.png").is_file()
+
+
+def test_evaluate_logs_its_tables_and_pngs_to_the_runs_wandb(no_account, tmp_path) -> None:
+    """``mmlearn evaluate`` of a W&B run: an offline run of job type ``evaluate`` holding the
+    missing-modality table and the reliability diagram."""
+    from mmlearn.cli import main
+
+    run_dir = tmp_path / "run"
+    fit = ["fit", "--config", str(REPO / "experiments/synthetic/inter_only.yaml")]
+    fit += ["--config", str(REPO / "experiments/_base/wandb.yaml"), f"--run_dir={run_dir}"]
+    cli = build_cli([*fit, "--trainer.max_epochs=1", *QUIET])
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+    before = set((run_dir / "wandb").glob("offline-run-*"))
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert done.value.code == 0
+    import wandb
+
+    assert wandb.run is None  # the command closed its W&B run
+    (new,) = set((run_dir / "wandb").glob("offline-run-*")) - before
+    media = new / "files" / "media"
+    assert list(media.glob("table/evaluate/missing_*.table.json"))
+    assert list(media.glob("images/evaluate/reliability_*.png"))
+    assert (run_dir / "evaluate" / "last" / "evaluation.json").is_file()

@@ -101,7 +101,7 @@ class EvaluateCLI(MMLearnCLI):
         out = Path(cfg.out) if cfg.get("out") else default_out(str(ckpt))
         extra = {"checkpoint": str(ckpt), "data": type(dm).__name__}
         files = eval_files.write(self.result, out, extra)
-        log_to_wandb(self.trainer.loggers, self.result, out)
+        log_to_wandb(self.trainer.loggers, self.result, out, finish=True)
         print(eval_files.console(self.result, [Path(shown(f)) for f in files]), flush=True)
 
 
@@ -112,8 +112,11 @@ def default_out(ckpt: str) -> Path:
     return (run / "evaluate" / stem) if run is not None else Path(ckpt).parent / f"evaluate-{stem}"
 
 
-def log_to_wandb(loggers: Sequence[Any], result: Evaluation, out: Path) -> None:
-    """The tables and PNGs of an evaluation, to every W&B logger of the run."""
+def log_to_wandb(
+    loggers: Sequence[Any], result: Evaluation, out: Path, finish: bool = False
+) -> None:
+    """The tables and PNGs of an evaluation, to every W&B logger of the run (``finish``: then
+    close the W&B run: no Trainer run will)."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             import wandb
@@ -132,6 +135,8 @@ def log_to_wandb(loggers: Sequence[Any], result: Evaluation, out: Path) -> None:
                 }
                 | {f"evaluate/{k}": v for k, v in result.full().items() if k in keys}
             )
+            if finish:
+                logger.experiment.finish()
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
