@@ -46,9 +46,10 @@ mutate: install data  ## mutation testing (mutmut) of the reported numerics; wri
 		> mutmut.log 2>&1 || { tail -n 40 mutmut.log; exit 1; }
 	$(PY) tests/mutation/report.py --min-score 85
 
-bench: install  ## step cost of every strategy, loader throughput raw vs cached; benchmarks/results/*.json
+bench: install data  ## step cost of every strategy, loader throughput raw vs cached, evaluate's cost; benchmarks/results/*.json
 	$(PY) benchmarks/step_cost.py --size cpu
 	$(PY) benchmarks/loader_throughput.py
+	MMLEARN_DATA=$(abspath $(DATA)) $(PY) benchmarks/evaluate_time.py
 
 lint: install  ## ruff and mypy
 	$(VENV)/bin/ruff check src tests
