@@ -8,9 +8,11 @@ accuracy), so a wrong feature cache, fill or subset would show.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -134,9 +136,20 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 def i2m2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     args = ["fit", "--model", "I2M2", *RUN_DATA, "--trainer.max_epochs=2", *QUIET]
-    main([*args, f"--trainer.default_root_dir={root}"])
+    with no_leaked_seed():
+        main([*args, "--seed_everything=0", f"--trainer.default_root_dir={root}"])
     (run,) = root.glob("SyntheticMultimodal/I2M2/version_*")
     return run
+
+
+@contextlib.contextmanager
+def no_leaked_seed() -> Iterator[None]:
+    """Neither see nor leave ``PL_GLOBAL_SEED``: a module-scoped fixture runs before the
+    function-scoped fixture of conftest.py that clears it, after other modules' runs set it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PL_GLOBAL_SEED", "0")  # records "unset" as what to restore
+        mp.delenv("PL_GLOBAL_SEED")
+        yield
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -189,6 +202,13 @@ def test_the_command_and_the_api_give_the_same_numbers(i2m2_run: Path, capsys) -
 BAD = [
     (["--subsets=[m0+zz]"], ["--subsets", "m0+zz", "'zz'", "['m0', 'm1', 'm2']"]),
     (["--subsets=['']"], ["--subsets", "empty"]),
+    (["--subsets=[m0+]"], ["--subsets", "'m0+'", "empty modality name"]),
+    (["--metric=auroc"], ["--metric auroc", "binary and multi-label", "4 classes"]),
+    (
+        ["--subsets=m0", "--missing=drop"],
+        ["--out", "holds an evaluation with other", "--overwrite"],
+    ),
+    (["--out={run}/config.yaml"], ["--out", "not a folder"]),
     (["--missing=[impute]"], ["--missing", "'impute'", "impute_mean"]),
     (["--metric=auc"], ["--metric", "'auc'", "acc"]),
     (["--data.num_modalities=2", "--data.noise=0.5"], ["--ckpt_path", "modality mismatch"]),
@@ -196,12 +216,14 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("extra, expect", BAD, ids=[b[1][1] for b in BAD])
+@pytest.mark.parametrize("extra, expect", BAD, ids=[b[1][1][:24] for b in BAD])
 def test_bad_input_is_one_line_and_nothing_is_lost(
     i2m2_run: Path, extra: list[str], expect: list[str], capsys
 ) -> None:
     ckpt = i2m2_run / "checkpoints" / "last.ckpt"
+    assert (i2m2_run / "evaluate" / "last" / "evaluation.json").is_file()  # the CLI=API test's
     before = digest(i2m2_run)
+    extra = [e.replace("{run}", str(i2m2_run)) for e in extra]
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--ckpt_path", str(ckpt), *extra])
     assert exit_.value.code == 2
@@ -221,3 +243,23 @@ def test_a_semantics_the_strategy_cannot_do_is_refused_by_name(tmp_path: Path, c
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "--missing drop" in err and "InterOnly" in err and "impute_mean" in err
+
+
+def test_options_without_brackets_and_the_same_evaluation_again(i2m2_run: Path, capsys) -> None:
+    ckpt = i2m2_run / "checkpoints" / "last.ckpt"
+    out = i2m2_run / "evaluate" / "mine"
+    args = ["evaluate", "--ckpt_path", str(ckpt), "--out", str(out), "--probes=false"]
+    for _ in range(2):  # the same options and data: the same result, replaced
+        with pytest.raises(SystemExit) as done:
+            main([*args, "--subsets", "m0,m1+m2", "--missing", "impute_zero"])
+        assert done.value.code == 0
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert [(r["semantics"], r["subset"]) for r in saved["missing"]] == [
+        ("impute_zero", "m0"),
+        ("impute_zero", "m1+m2"),
+        ("impute_zero", "m0+m1+m2"),
+    ]
+    assert saved["data_config"]["init_args"]["num_modalities"] == 3
+    assert saved["evaluate_options"]["subsets"] == ["m0", "m1+m2"]
+    shown = capsys.readouterr().out
+    assert "Shapley values: not computed: they need every subset (7); 3 were evaluated" in shown

@@ -10,19 +10,22 @@ run's W&B logger when its config has one.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.loggers import WandbLogger
 
 from mmlearn.data.base import stored_input_means
 from mmlearn.errors import MMLearnError
 from mmlearn.evaluation import eval_files
-from mmlearn.evaluation.evaluate import METRICS, Evaluation, evaluate
+from mmlearn.evaluation.evaluate import METRICS, Evaluation, check_options, evaluate
 from mmlearn.evaluation.features import SEMANTICS
 from mmlearn.lightning_cli import MMLearnCLI, build_cli, read_checkpoint
 from mmlearn.run_folder import find_run, place_run, shown
@@ -42,14 +45,14 @@ class EvaluateCLI(MMLearnCLI):
         super().add_arguments_to_parser(parser)
         parser.add_argument(
             "--missing",
-            type=list[str] | None,
+            type=list[str] | str | None,
             default=None,
             help=f"the meanings of a missing modality, from {list(SEMANTICS)} (default: all; "
             "those the strategy cannot do are marked)",
         )
         parser.add_argument(
             "--subsets",
-            type=list[str] | None,
+            type=list[str] | str | None,
             default=None,
             help="subsets of present modalities, each joined by '+' (default: every non-empty "
             "subset up to 6 modalities)",
@@ -62,6 +65,12 @@ class EvaluateCLI(MMLearnCLI):
         )
         parser.add_argument(
             "--out", type=str | None, default=None, help="default RUN/evaluate/<checkpoint>/"
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="replace an evaluation of other options or data in --out (default: refuse)",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -84,25 +93,74 @@ class EvaluateCLI(MMLearnCLI):
         model.load_state_dict(checkpoint["state_dict"])
         means = stored_input_means(checkpoint)
         source = "stored with the run (its checkpoint)" if means is not None else None
-        subsets = None if cfg.get("subsets") is None else [s.split("+") for s in cfg.subsets]
-        subsets = None if subsets is None else [[m for m in s if m] for s in subsets]
+        missing = as_list(cfg.get("missing"))
+        subsets = as_list(cfg.get("subsets"))
+        options = {"missing": missing, "subsets": subsets, "metric": cfg.get("metric", "acc")}
+        options |= {"probes": bool(cfg.get("probes", True))}
+        data = yaml.safe_load(self._parser("test").dump(cfg, skip_none=False)).get("data")
+        out = Path(cfg.out) if cfg.get("out") else default_out(str(ckpt))
+        extra = {"checkpoint": str(ckpt), "data": type(dm).__name__, "data_config": data}
+        extra |= {"evaluate_options": options}
+        split = None if subsets is None else [x.split("+") for x in subsets]
+        check_options(model, missing, split, str(options["metric"]))  # before touching --out
+        check_out(out, extra, bool(cfg.get("overwrite")), "--out" if cfg.get("out") else None)
         device = self.trainer.strategy.root_device
         self.result = evaluate(
             model,
             dm,
-            missing=cfg.get("missing"),
-            subsets=subsets,
+            missing=missing,
+            subsets=split,
             metric=cfg.get("metric", "acc"),
             probes=bool(cfg.get("probes", True)),
             device=device,
             input_means=means,
             means_source=source,
         )
-        out = Path(cfg.out) if cfg.get("out") else default_out(str(ckpt))
-        extra = {"checkpoint": str(ckpt), "data": type(dm).__name__}
         files = eval_files.write(self.result, out, extra)
         log_to_wandb(self.trainer.loggers, self.result, out, finish=True)
         print(eval_files.console(self.result, [Path(shown(f)) for f in files]), flush=True)
+
+
+def as_list(value: object) -> list[str] | None:
+    """A list option as given: ``[a, b+c]``, or one string ``a`` / ``a,b+c`` without brackets."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",")]
+    return [str(v) for v in value]  # type: ignore[attr-defined]
+
+
+def check_out(out: Path, extra: dict[str, Any], overwrite: bool, option: str | None) -> None:
+    """Refuse an ``out`` that cannot be written, or that holds another evaluation.
+
+    An earlier ``evaluation.json`` of the same checkpoint, data options and evaluate options
+    (the same result) is replaced; one of other options only with ``--overwrite``: a partial
+    evaluation must not silently replace a full one that ``compare --collect`` reads.
+    """
+    where = option or "the evaluation folder"
+    if out.exists() and not out.is_dir():
+        raise MMLearnError(f"{where} {shown(out)}: exists and is not a folder; give another --out")
+    earlier = out / "evaluation.json"
+    if earlier.is_file() and not overwrite:
+        try:
+            saved = json.loads(earlier.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        keys = ("checkpoint", "data_config", "evaluate_options")
+        differ = [k for k in keys if saved.get(k) != json.loads(json.dumps(extra.get(k)))]
+        if differ:
+            raise MMLearnError(
+                f"{where} {shown(out)} holds an evaluation with other {', '.join(differ)}: "
+                "give another --out, or --overwrite true to replace it"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise MMLearnError(
+            f"{where} {shown(out)}: cannot write there ({exc.strerror or exc}); give another --out"
+        ) from exc
 
 
 def default_out(ckpt: str) -> Path:

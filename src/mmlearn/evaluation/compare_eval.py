@@ -225,8 +225,9 @@ def dependency_report(runs: Sequence[Mapping[str, Any]]) -> str | None:
     )
     if not unimodal:
         sentence += (
-            " (The unimodal rows need an IntraOnly run with mode: independent: jointly trained"
-            " experts are not unimodal models.)"
+            " This comparison's IntraOnly runs are mode: joint, so there are no unimodal rows"
+            " (jointly trained experts are not unimodal models); the product row is their"
+            " jointly trained product. Run IntraOnly with mode: independent for them."
         )
     return "\n".join(lines) + "\n\n" + sentence
 

@@ -81,7 +81,7 @@ def write(result: Evaluation, out: Path, extra: Mapping[str, Any] | None = None)
         for s, values in result.shapley.items()
         for m, v in values.items()
     ]
-    write_csv(out / "shapley.csv", shap or [{"semantics": "", "note": "no complete matrix"}])
+    write_csv(out / "shapley.csv", shap or [{"semantics": "", "note": no_shapley(result)}])
     probes = [{k: ("" if v is None else v) for k, v in p.items()} for p in result.probes]
     write_csv(out / "probes.csv", probes or [{"encoder": "", "note": "probes not run"}])
     (out / "evaluation.json").write_text(json.dumps(to_json(result, extra), indent=1) + "\n")
@@ -118,6 +118,8 @@ def markdown(result: Evaluation) -> str:
         "",
     ]
     lines += missing_table(result, "acc")
+    if not result.shapley:
+        lines += ["", no_shapley(result)]
     if result.shapley:
         lines += ["", f"## Shapley values ({result.metric}; sum = v(all) - v(empty))", ""]
         sems = list(result.shapley)
@@ -146,6 +148,18 @@ def missing_table(result: Evaluation, metric: str) -> list[str]:
     return lines
 
 
+def no_shapley(result: Evaluation) -> str:
+    """Why an evaluation has no Shapley values."""
+    n = len(dict.fromkeys(r["subset"] for r in result.rows))
+    need = 2 ** len(result.modalities) - 1
+    if n < need:
+        return (
+            f"Shapley values: not computed: they need every subset ({need}); {n} were evaluated "
+            "(--subsets)"
+        )
+    return "Shapley values: not computed: no semantics has every subset available"
+
+
 def console(result: Evaluation, files: Sequence[Path]) -> str:
     """The lines ``mmlearn evaluate`` prints: the prediction's figures and the files."""
     full = result.full()
@@ -155,6 +169,8 @@ def console(result: Evaluation, files: Sequence[Path]) -> str:
     for s, values in result.shapley.items():
         shown = ", ".join(f"{m} {v:+.4f}" for m, v in values.items())
         lines.append(f"Shapley ({result.metric}, {s}): {shown}")
+    if not result.shapley:
+        lines.append(no_shapley(result))
     if result.probes:
         shown = ", ".join(f"{p['encoder']} {p['probe_acc']:.3f}" for p in result.probes)
         lines.append(f"probe accuracy: {shown}")

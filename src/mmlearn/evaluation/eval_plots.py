@@ -93,6 +93,7 @@ def risk_curves(runs: Sequence[Mapping[str, Any]], strategies: Sequence[str], pa
         if s in by_size:
             sizes = sorted(by_size[s])
             ax.plot(sizes, [np.mean(by_size[s][k]) for k in sizes], "o-", label=s)
+    ax.set_xticks(sorted({k for v in by_size.values() for k in v}))  # counts: whole numbers
     ax.set_xlabel("modalities present (mean over subsets of that size)")
     ax.set_ylabel("test risk (1 - accuracy)")
     ax.grid(alpha=0.3)

@@ -125,10 +125,15 @@ def check_subsets(
         return [*singles, *leave_one_out, tuple(modalities)]
     out: list[tuple[str, ...]] = []
     for i, subset in enumerate(given):
-        if not subset:
+        if not subset or all(not m for m in subset):
             raise MMLearnError(
                 f"--subsets: subset {i + 1} is empty; expected modality names joined by '+' "
                 f"(e.g. {'+'.join(modalities[:2])}), from {list(modalities)}"
+            )
+        if any(not m for m in subset):
+            raise MMLearnError(
+                f"--subsets: {'+'.join(subset)!r} has an empty modality name (a '+' with nothing "
+                f"on one side); expected names from {list(modalities)} joined by '+'"
             )
         unknown = [m for m in subset if m not in modalities]
         if unknown:
@@ -176,6 +181,28 @@ def _loader_batches(dm: MultimodalDataModule, split: str) -> Any:
     return dm._split_loader(dm.splits[split], shuffle=False)
 
 
+def check_options(
+    model: MultimodalModule,
+    missing: Sequence[str] | None,
+    subsets: Sequence[Sequence[str]] | None,
+    metric: str,
+) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The semantics and subsets to evaluate; a bad option is an :class:`MMLearnError`."""
+    semantics = list(SEMANTICS) if missing is None else check_semantics(missing)
+    chosen = check_subsets(subsets, model.modalities)
+    if metric not in METRICS:
+        raise MMLearnError(f"--metric {metric!r}: expected one of {list(METRICS)}")
+    ranked = model.multilabel or model.num_classes == 2
+    if metric in ("auroc", "auprc") and not ranked:
+        raise MMLearnError(
+            f"--metric {metric}: defined here for binary and multi-label tasks only; this one "
+            f"has {model.num_classes} classes (use acc, f1, nll, ece or brier)"
+        )
+    if missing is not None and "drop" in semantics and not model.drops_experts:
+        raise MMLearnError(f"--missing drop: {why_not(model, 'drop', [], {})}")
+    return semantics, chosen
+
+
 def evaluate(
     model: MultimodalModule,
     datamodule: MultimodalDataModule,
@@ -210,12 +237,7 @@ def evaluate(
     """
     datamodule.setup("test")
     _check_data(model, datamodule)
-    semantics = list(SEMANTICS) if missing is None else check_semantics(missing)
-    chosen = check_subsets(subsets, model.modalities)
-    if metric not in METRICS:
-        raise MMLearnError(f"--metric {metric!r}: expected one of {list(METRICS)}")
-    if missing is not None and "drop" in semantics and not model.drops_experts:
-        raise MMLearnError(f"--missing drop: {why_not(model, 'drop', [], {})}")
+    semantics, chosen = check_options(model, missing, subsets, metric)
     dev = torch.device(device)
     model = model.to(dev).eval()
     train = datamodule.splits["train"]
