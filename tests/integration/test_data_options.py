@@ -37,7 +37,7 @@ def order(dm: MultimodalDataModule, e: int = 0) -> list[int]:
     """The sample indices of epoch ``e`` in the order the training loader serves them."""
     sampler = dm.train_dataloader().batch_sampler.sampler
     sampler.set_epoch(e)
-    return [i for i, _ in sampler]
+    return list(sampler)
 
 
 def masks(dm: MultimodalDataModule, e: int = 0, loader: Any = None) -> torch.Tensor:
@@ -432,3 +432,38 @@ def test_stored_input_means_finds_them_in_a_real_checkpoint(tmp_path: Path) -> N
     torch.testing.assert_close(
         plain_dm.input_means()["m0"], plain_dm.splits["train"].inputs["m0"].mean(0)
     )
+
+
+def test_masks_survive_the_distributed_sampler_lightning_puts_in_under_ddp() -> None:
+    """Under DDP Lightning replaces the sampler inside the batch sampler by a DistributedSampler
+    (re-creating the batch sampler from its saved arguments): each rank's batches must still
+    carry every sample's mask of the epoch, the same on every rank (row i of the epoch's table)."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    dm = SyntheticMultimodal(**SMALL, modality_dropout=0.5)
+    dm.setup("fit")
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()  # as Lightning asks for it: the init arguments saved
+    train = dm.splits["train"]
+    row_of = {tuple(x.tolist()): i for i, x in enumerate(train.inputs["m1"])}
+    table = loader.batch_sampler.masks().clone()  # epoch 0
+    seen: list[int] = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, seed=0)
+        sampler.set_epoch(0)
+        shard = _update_dataloader(loader, sampler, RunningStage.TRAINING)
+        assert shard.batch_sampler.sampler is sampler
+        for batch in shard:
+            batch = dm.on_after_batch_transfer(batch, 0)
+            assert batch.present is not None
+            for j in range(batch.size):
+                keep_m1 = bool(batch.present["m1"][j])
+                if keep_m1:  # find the sample by its m1 features, check its whole mask
+                    i = row_of[tuple(batch.inputs["m1"][j].tolist())]
+                    assert [bool(batch.present[m][j]) for m in ("m0", "m1")] == table[i].tolist()
+                    seen.append(i)
+    kept_m1 = set(table[:, 1].nonzero().flatten().tolist())
+    assert set(seen) == kept_m1 and len(seen) == len(kept_m1)  # each once, over the two ranks

@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -129,37 +129,42 @@ def modality_dropout_masks(n: int, probabilities: Sequence[float], seed: int, ep
     return keep
 
 
-class ModalityDropoutSampler(Sampler[tuple[int, tuple[bool, ...]]]):
-    """The training order of ``order``, each index with its mask: ``(i, keep)``.
+class DropoutBatchSampler(ResumableBatchSampler):
+    """Batches of ``(i, keep)``: each training index with its modality mask for the epoch.
 
-    The masks are drawn in the main process when an epoch's iteration starts
-    (:func:`modality_dropout_masks` of the order's seed and epoch), and travel to the loader
-    workers with the indices, so they do not depend on ``num_workers``. ``epoch``/``set_epoch``
-    are the order's: Lightning and :class:`ResumableDataLoader` see an ordinary epoch sampler.
+    The masks are attached here, in the main process, to whatever indices the sampler yields:
+    the DataModule's :class:`EpochSeededSampler`, or the ``DistributedSampler`` Lightning puts in
+    its place under DDP (Lightning re-creates this batch sampler around it, with these
+    arguments). Row ``i`` of :func:`modality_dropout_masks` of ``(seed, epoch)`` is sample ``i``'s
+    mask on every rank, whatever the order; the epoch is the sampler's (Lightning's
+    ``set_epoch``). The masks travel to the loader workers with the indices, so they do not depend
+    on ``num_workers``.
     """
 
-    def __init__(self, order: EpochSeededSampler, probabilities: Sequence[float]) -> None:
-        self.order, self.probabilities = order, [float(p) for p in probabilities]
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool,
+        probabilities: Sequence[float] = (),
+        seed: int = 0,
+        n: int = 0,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.probabilities, self.seed, self.n = [float(p) for p in probabilities], seed, n
 
     @property
     def epoch(self) -> int:
-        return self.order.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.order)
+        return int(getattr(self.sampler, "epoch", 0))
 
     def masks(self) -> Tensor:
         """This epoch's masks, bool ``[n, M]`` (row ``i``: sample ``i``)."""
-        return modality_dropout_masks(
-            self.order.n, self.probabilities, self.order.seed, self.order.epoch
-        )
+        return modality_dropout_masks(self.n, self.probabilities, self.seed, self.epoch)
 
-    def __iter__(self) -> Iterator[tuple[int, tuple[bool, ...]]]:
+    def __iter__(self) -> Iterator[list[Any]]:  # type: ignore[override]
         rows = self.masks().tolist()
-        return ((i, tuple(rows[i])) for i in self.order)
+        for batch in super().__iter__():
+            yield [(i, tuple(rows[i])) for i in batch]
 
 
 class MaskedSplitDataset(Dataset[tuple[dict[str, Tensor], Tensor, tuple[bool, ...]]]):
@@ -681,10 +686,11 @@ class MultimodalDataModule(pl.LightningDataModule):
             return self._loader("train", shuffle=True)
         self._fills, self._device_fills = self._dropout_fills(probabilities), {}
         split = self.splits["train"]
-        order = EpochSeededSampler(len(split.target), self.seed, shuffle=True)
-        sampler = ModalityDropoutSampler(order, list(probabilities.values()))
-        # BatchSampler groups whatever its sampler yields; torch types it for int indices only
-        batches = ResumableBatchSampler(cast(Sampler[int], sampler), self.batch_size, False)
+        n = len(split.target)
+        order = EpochSeededSampler(n, self.seed, shuffle=True)
+        batches = DropoutBatchSampler(
+            order, self.batch_size, False, list(probabilities.values()), self.seed, n
+        )
         return ResumableDataLoader(
             MaskedSplitDataset(split),
             batch_sampler=batches,
