@@ -124,13 +124,23 @@ def test_compare_logs_every_run_and_the_comparison(no_account, tmp_path) -> None
     configs = [str(REPO / f"experiments/synthetic/{s}.yaml") for s in ("inter_only", "mimo")]
     out = tmp_path / "cmp"
     with pytest.raises(SystemExit) as done:
-        main(["compare", *configs, "--out", str(out), "--wandb", "--set", "trainer.max_epochs=1"])
+        main(
+            ["compare", *configs, "--out", str(out), "--wandb", "--evaluate"]
+            + ["--set", "trainer.max_epochs=1"]
+        )
     assert done.value.code == 0
     runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(runs) == 3  # one per (strategy, seed) and one for the comparison table + plot
     for run in runs:
         assert any((out / "wandb" / run).glob("run-*.wandb"))
     assert (out / "comparison.png").is_file()
+    # each run's evaluation went to its own W&B run, the summarised one to the compare run
+    media = [out / "wandb" / run / "files" / "media" for run in runs]
+    evaluated = [m for m in media if list(m.glob("table/evaluate/missing_*.table.json"))]
+    assert len(evaluated) == 2
+    (compare,) = [m for m in media if (m / "table" / "compare").is_dir()]
+    assert list(compare.glob("table/compare/evaluation_summary_*.table.json"))
+    assert list(compare.glob("images/compare/missing_heatmap_*.png"))
 
 
 def test_evaluate_logs_its_tables_and_pngs_to_the_runs_wandb(no_account, tmp_path) -> None:

@@ -765,12 +765,20 @@ def _log_to_wandb(
             "compare/plot": wandb.Image(str(out / "comparison.png")),
         }
         | {f"compare/{p.stem}": wandb.Image(str(p)) for p in extra if p.suffix == ".png"}
+        | {f"compare/{p.stem}": _csv_table(wandb, p) for p in extra if p.suffix == ".csv"}
     )
     for p in extra:
         if p.suffix == ".md":
             run.summary[f"compare/{p.stem}"] = p.read_text()
     run.summary["compare/markdown"] = table
     run.finish()
+
+
+def _csv_table(wandb: Any, path: Path) -> Any:
+    """A CSV report as a W&B Table (``evaluation_summary.csv``: every measure over seeds)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return wandb.Table(columns=rows[0], data=rows[1:])
 
 
 def _count(n: int, what: str) -> str:
