@@ -54,9 +54,14 @@ def heatmap(summary: Sequence[Row], strategies: Sequence[str], path: Path) -> bo
             for j, sub in enumerate(subsets):
                 grid[i, j] = cells.get((s, f"missing/{sem}/{sub}"), np.nan)
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-        for i in np.flatnonzero(np.isnan(grid).all(1)):  # a semantics the strategy cannot do
+        for row in np.flatnonzero(np.isnan(grid).all(1)):  # a semantics the strategy cannot do
             ax.text(
-                (len(subsets) - 1) / 2, i, "not available", ha="center", va="center", fontsize=7
+                (len(subsets) - 1) / 2,
+                int(row),
+                "not available",
+                ha="center",
+                va="center",
+                fontsize=7,
             )
         ax.set_yticks(range(len(strategies)), strategies, fontsize=8)
         ax.set_xticks(range(len(subsets)), subsets, rotation=90, fontsize=6)
