@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,8 +125,9 @@ class AVMNIST(MultimodalDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         seed: seed of the shuffling (``None``: follows ``seed_everything``).
-        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
-            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
+        **options: the options every DataModule has, passed on to
+            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
+            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
     """
 
     def __init__(
@@ -137,18 +139,14 @@ class AVMNIST(MultimodalDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         predict_split: str = "test",
-        modality_dropout: float | dict[str, float] = 0.0,
-        modality_dropout_fill: str = "mean",
-        train_fraction: float = 1.0,
+        **options: Any,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
             predict_split=predict_split,
-            modality_dropout=modality_dropout,
-            modality_dropout_fill=modality_dropout_fill,
-            train_fraction=train_fraction,
+            **options,
         )
         self.folder = default_root(root) / "avmnist"
         self.val_size, self.limit_train = val_size, limit_train
