@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from mmlearn.data.base import stored_input_means
 from mmlearn.errors import MMLearnError
 from mmlearn.evaluation import eval_files
+from mmlearn.evaluation.compare import writable_folder
 from mmlearn.evaluation.evaluate import METRICS, Evaluation, check_options, evaluate
 from mmlearn.evaluation.features import SEMANTICS
 from mmlearn.lightning_cli import MMLearnCLI, build_cli, read_checkpoint
@@ -137,9 +137,7 @@ def check_out(out: Path, extra: dict[str, Any], overwrite: bool, option: str | N
     (the same result) is replaced; one of other options only with ``--overwrite``: a partial
     evaluation must not silently replace a full one that ``compare --collect`` reads.
     """
-    where = option or "the evaluation folder"
-    if out.exists() and not out.is_dir():
-        raise MMLearnError(f"{where} {shown(out)}: exists and is not a folder; give another --out")
+    where = f"{option or 'the evaluation folder'} {shown(out)}"
     earlier = out / "evaluation.json"
     if earlier.is_file() and not overwrite:
         try:
@@ -150,17 +148,10 @@ def check_out(out: Path, extra: dict[str, Any], overwrite: bool, option: str | N
         differ = [k for k in keys if saved.get(k) != json.loads(json.dumps(extra.get(k)))]
         if differ:
             raise MMLearnError(
-                f"{where} {shown(out)} holds an evaluation with other {', '.join(differ)}: "
+                f"{where} holds an evaluation with other {', '.join(differ)}: "
                 "give another --out, or --overwrite true to replace it"
             )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise MMLearnError(
-            f"{where} {shown(out)}: cannot write there ({exc.strerror or exc}); give another --out"
-        ) from exc
+    writable_folder(out, where, "; give another --out")
 
 
 def default_out(ckpt: str) -> Path:

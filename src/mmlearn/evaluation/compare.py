@@ -389,22 +389,34 @@ def check_metrics(metrics: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(metrics))
 
 
+def writable_folder(out: Path, where: str, hint: str = "") -> None:
+    """Make ``out`` a folder and check that a file can be written there.
+
+    Args:
+        where: how errors name it (``--out runs/x``); ``hint``: what they add (``; give ...``).
+
+    Raises:
+        MMLearnError: ``out`` is a file, or cannot be created or written.
+    """
+    if out.exists() and not out.is_dir():
+        raise MMLearnError(f"{where}: exists and is not a folder{hint}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise MMLearnError(f"{where}: cannot write there ({exc.strerror or exc}){hint}") from exc
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Make ``out`` a writable folder without an earlier compare's reports (overwrite: delete)."""
-    if out.exists() and not out.is_dir():
-        raise MMLearnError(f"--out {out}: exists and is not a folder")
     earlier = [name for name in REPORTS if (out / name).exists()]
     if earlier and not overwrite:
         raise MMLearnError(
             f"--out {out} holds an earlier compare's {', '.join(earlier)}: pass another --out, "
             "or --overwrite to replace them"
         )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise MMLearnError(f"--out {out}: cannot write there ({exc.strerror or exc})") from exc
+    writable_folder(out, f"--out {out}")
     for name in earlier:
         (out / name).unlink()
 
