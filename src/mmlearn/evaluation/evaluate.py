@@ -37,7 +37,7 @@ from mmlearn.evaluation.features import (
 from mmlearn.evaluation.probes import fit_probe
 from mmlearn.evaluation.shapley import shapley_values
 from mmlearn.evaluation.shapley import subsets as all_subsets
-from mmlearn.strategies.base import MultimodalModule, check_modalities
+from mmlearn.strategies.base import MultimodalModule
 
 #: what each meaning of "missing" does, written into every output
 SEMANTICS_TEXT = {
@@ -236,7 +236,7 @@ def evaluate(
             semantics, subset modality or metric; a semantics the strategy cannot do.
     """
     datamodule.setup("test")
-    _check_data(model, datamodule)
+    model.check_data(datamodule)
     semantics, chosen = check_options(model, missing, subsets, metric)
     dev = torch.device(device)
     model = model.to(dev).eval()
@@ -292,24 +292,6 @@ def evaluate(
         train_cache = extract(model, _loader_batches(datamodule, "train"), dev, convert)
         result.probes = _probes(model, train_cache, test, result.experts)
     return result
-
-
-def _check_data(model: MultimodalModule, dm: MultimodalDataModule) -> None:
-    data = f"the data ({type(dm).__name__})"
-    check_modalities(dm.modalities, model.modalities, data, f"the model ({type(model).__name__})")
-    shapes = dm.input_shapes
-    differ = {m: (shapes[m], model.input_shapes[m]) for m in model.modalities}
-    differ = {m: v for m, v in differ.items() if list(v[0]) != list(v[1])}
-    if differ:
-        raise MMLearnError(
-            f"input shapes differ: {data} has { {m: v[0] for m, v in differ.items()} }, the "
-            f"model was built for { {m: v[1] for m, v in differ.items()} }"
-        )
-    if dm.num_classes != model.num_classes or bool(dm.multilabel) != model.multilabel:
-        raise MMLearnError(
-            f"{data} has {dm.num_classes} classes (multilabel={dm.multilabel}), the model was "
-            f"built for {model.num_classes} (multilabel={model.multilabel})"
-        )
 
 
 def _prior_log_probs(model: MultimodalModule, dm: MultimodalDataModule, n: int) -> Tensor:

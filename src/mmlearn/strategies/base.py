@@ -267,6 +267,11 @@ class MultimodalModule(pl.LightningModule):
         if self._trainer is not None:
             self._setup_trainer()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.check_data(dm)
+
+    def check_data(self, dm: object) -> None:
+        """Refuse data of other modalities, input shapes, class count or label kind than the
+        model's (nothing to check without a DataModule that knows its shapes)."""
         shapes = getattr(dm, "input_shapes", None)
         if shapes is None:
             return
