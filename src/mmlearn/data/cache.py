@@ -47,9 +47,8 @@ class CachedDataModule(MultimodalDataModule):
         root: ``None``: ``$MMLEARN_DATA`` or ``./data``.
         val_fraction: without a validation list, this share of train (stratified, ``seed``).
         prepare_workers: processes decoding samples when the cache is built.
-        **options: the options every DataModule has, passed on to
-            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
-            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -62,14 +61,18 @@ class CachedDataModule(MultimodalDataModule):
         num_workers: int,
         seed: int | None,
         predict_split: str = "test",
-        **options: Any,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
             predict_split=predict_split,
-            **options,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         self.folder = default_root(root) / name
         self.cache = self.folder / "cache"

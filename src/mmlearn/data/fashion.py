@@ -15,7 +15,7 @@ import gzip
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -120,9 +120,8 @@ class FashionMNISTViews(MultimodalDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         seed: seed of the validation split and the shuffling (``None``: ``seed_everything``).
-        **options: the options every DataModule has, passed on to
-            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
-            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -136,14 +135,18 @@ class FashionMNISTViews(MultimodalDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         predict_split: str = "test",
-        **options: Any,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
             predict_split=predict_split,
-            **options,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         if layout not in LAYOUTS:
             raise MMLearnError(f"FashionMNISTViews.layout={layout!r}; expected {sorted(LAYOUTS)}")

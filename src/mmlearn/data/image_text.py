@@ -133,9 +133,8 @@ class ImageText(CachedDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         seed: seed of the validation split and the shuffling (``None``: ``seed_everything``).
-        **options: the options every DataModule has, passed on to
-            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
-            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -155,7 +154,9 @@ class ImageText(CachedDataModule):
         num_workers: int = 2,
         seed: int | None = None,
         predict_split: str = "test",
-        **options: Any,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             name,
@@ -166,7 +167,9 @@ class ImageText(CachedDataModule):
             num_workers,
             seed,
             predict_split,
-            **options,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         self.keys = (image_key, text_key, label_key)
         self.classes = list(classes) if classes is not None else None

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,9 +55,8 @@ class MultipleFeatures(MultimodalDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader workers.
         seed: seed of the split and the shuffling (``None``: follows ``seed_everything``).
-        **options: the options every DataModule has, passed on to
-            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
-            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -72,14 +70,18 @@ class MultipleFeatures(MultimodalDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         predict_split: str = "test",
-        **options: Any,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
             predict_split=predict_split,
-            **options,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         self.views = list(views) if views is not None else list(VIEWS)
         unknown = [v for v in self.views if v not in VIEWS]

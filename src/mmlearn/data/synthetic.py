@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -46,9 +45,8 @@ class SyntheticMultimodal(MultimodalDataModule):
         inter: strength of the cross-modal (code) signal.
         noise: feature noise std (one value or one per modality).
         n_train: training samples; ``n_val`` and ``n_test`` likewise.
-        **options: the options every DataModule has, passed on to
-            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
-            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -67,14 +65,18 @@ class SyntheticMultimodal(MultimodalDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         predict_split: str = "test",
-        **options: Any,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             num_workers=num_workers,
             seed=seed,
             predict_split=predict_split,
-            **options,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         for key, value, least in (
             ("num_modalities", num_modalities, 1),

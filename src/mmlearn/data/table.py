@@ -148,9 +148,8 @@ class TableDataModule(MultimodalDataModule):
         id_column: the column that names each row in ``predictions.csv``; ``id`` by default, and
             then only when the file has one; without it (or with ``null``) a row is named by its
             row number in the file (0: the first row after the header).
-        **options: the options every DataModule has, passed on to
-            :class:`~mmlearn.data.base.MultimodalDataModule` (``modality_dropout``,
-            ``modality_dropout_fill``, ``train_fraction``; docs/datasets.md).
+        modality_dropout, modality_dropout_fill, train_fraction: the options every DataModule
+            has (:class:`~mmlearn.data.base.MultimodalDataModule`; docs/datasets.md).
     """
 
     def __init__(
@@ -171,7 +170,9 @@ class TableDataModule(MultimodalDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int | None = None,
-        **options: Any,
+        modality_dropout: float | dict[str, float] = 0.0,
+        modality_dropout_fill: str = "mean",
+        train_fraction: float = 1.0,
     ) -> None:
         self.source = str(path)
         super().__init__(
@@ -179,7 +180,9 @@ class TableDataModule(MultimodalDataModule):
             num_workers=num_workers,
             seed=seed,
             predict_split=predict_split,
-            **options,
+            modality_dropout=modality_dropout,
+            modality_dropout_fill=modality_dropout_fill,
+            train_fraction=train_fraction,
         )
         if (modalities is None) == (modality_prefixes is None):
             raise MMLearnError(
