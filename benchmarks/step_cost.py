@@ -50,12 +50,15 @@ from mmlearn.strategies import (
     BOGC,
     I2M2,
     MIMO,
+    MLA,
+    OGMGE,
     EMAMoments,
     InterOnly,
     IntraOnly,
     LastLayer,
     LateFusionHeads,
     Microbatch,
+    MMPareto,
     MultiObjective,
 )
 
@@ -92,6 +95,9 @@ STRATEGIES: dict[str, Callable[[], tuple[type, dict[str, Any]]]] = {
     "BOGC ema": lambda: (BOGC, {}),
     "BOGC microbatch(4)": lambda: (BOGC, {"moments": Microbatch(4)}),
     "BOGC last_layer": lambda: (BOGC, {"moments": LastLayer()}),
+    "OGM-GE": lambda: (OGMGE, {}),
+    "MMPareto": lambda: (MMPareto, {}),
+    "MLA (M steps a batch)": lambda: (MLA, {}),
 }
 #: strategies that cannot run at a size (Microbatch refuses BatchNorm encoders)
 SKIP = {"gpu": {"BOGC microbatch(4)"}}
@@ -143,7 +149,7 @@ def build(cls: type, kw: dict[str, Any], size: dict[str, Any]) -> pl.LightningMo
         num_classes=10,
         embed_dim=size["embed"],
         encoders=size["encoders"],
-        head_hidden=size["embed"],
+        head_hidden=None if cls.linear_fused_head else size["embed"],
         optimizer=functools.partial(torch.optim.SGD, lr=0.01),
         **kw,
     )

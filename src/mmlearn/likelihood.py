@@ -65,6 +65,14 @@ class Likelihood:
         """The decision of :meth:`log_proba`-style output, shaped like a target."""
         raise NotImplementedError
 
+    def target_probability(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``[B]`` (float32): the probability each sample's logits give its own target.
+
+        One label: ``softmax(z_i)[y_i]``. Several: the mean over the K labels of the
+        probability of the label's true value (OGM-GE's confidence score, generalised).
+        """
+        raise NotImplementedError
+
     def residual(self, logits: Tensor, target: Tensor) -> Tensor:
         """``dL_i / dz_i`` ``[B, K]`` (float32): each sample's gradient of its own loss.
 
@@ -189,6 +197,10 @@ class Categorical(Likelihood):
         """Class indices ``[B]`` (argmax)."""
         return log_probs.argmax(-1)
 
+    def target_probability(self, logits: Tensor, target: Tensor) -> Tensor:
+        p = torch.softmax(logits.float(), dim=-1)
+        return p.gather(1, target.long().view(-1, 1)).squeeze(1)
+
     def residual(self, logits: Tensor, target: Tensor) -> Tensor:
         """``softmax(z) - onehot(y)`` ``[B, K]``."""
         p = torch.softmax(logits.float(), dim=-1)
@@ -246,6 +258,11 @@ class Bernoulli(Likelihood):
     def predicted(self, log_probs: Tensor) -> Tensor:
         """Multi-hot ``[B, K]`` (int64): label on where ``p > 0.5``."""
         return (log_probs.exp() > 0.5).long()
+
+    def target_probability(self, logits: Tensor, target: Tensor) -> Tensor:
+        p = torch.sigmoid(logits.float())
+        t = target.to(p.dtype)
+        return (t * p + (1 - t) * (1 - p)).mean(1)
 
     def residual(self, logits: Tensor, target: Tensor) -> Tensor:
         """``(sigmoid(z) - y) / K`` ``[B, K]``: the per-sample loss is the mean over K labels."""

@@ -11,6 +11,7 @@ of every rule scope, moments estimator and ``every``), on vector data or, for
 :data:`BN_CASES`, with a BatchNorm encoder on an image modality. :data:`WRONG` are deliberately
 wrong variants (a rule on rank-local statistics) that the test must tell apart from single-process
 training. A case that raises writes ``OUT/CASE/error-rank{r}.txt`` and the worker goes on.
+:data:`TORCHJD_CASES` need the optional torchjd.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class RankLocalMIMO(MIMO):
 
 MGDA_OPTIONS = VARIANTS["MGDA"][1]  # MultiObjective with MGDA (scope="global")
 MICROBATCH = "mmlearn.strategies.Microbatch"
+TORCHJD = "mmlearn.gradients.TorchJD"
+UPGRAD, PCGRAD = "torchjd.aggregation.UPGrad", "torchjd.aggregation.PCGrad"
 #: id -> (registered strategy, options as a config writes them): every strategy of the tests
 #: (each registered one with its defaults, BOGC: EMAMoments, MultiObjective: Sum with BatchRows;
 #: then MGDA), then the variants of every rule scope, moments estimator and ``every``
@@ -92,7 +95,13 @@ CASES: dict[str, tuple[str, Options]] = STRATEGY_OPTIONS | {
     "BOGC-microbatch2": ("BOGC", {"moments": spec(MICROBATCH, n_chunks=2)}),  # 1 chunk a rank
     "BOGC-last_layer": ("BOGC", {"moments": spec("mmlearn.strategies.LastLayer")}),
     "BOGC-every2": ("BOGC", {"every": 2}),
+    # torchjd's aggregators through the TorchJD rule (scope global: one Jacobian over all 4
+    # objectives); PCGrad's random order of projections comes from the rule's own seeded stream
+    "TorchJD-UPGrad": ("MultiObjective", {"rule": spec(TORCHJD, aggregator=spec(UPGRAD))}),
+    "TorchJD-PCGrad": ("MultiObjective", {"rule": spec(TORCHJD, aggregator=spec(PCGRAD))}),
 }
+#: the cases that need torchjd (test_ddp.py skips them without it, fails under CI)
+TORCHJD_CASES = [case for case in CASES if case.startswith("TorchJD-")]
 #: cases with a BatchNorm encoder (a tiny resnet18) on an image-shaped modality. A sample on
 #: purpose, not every case: the BatchNorm synchronisation is the base module's, the same for every
 #: strategy, and these cover automatic optimisation with one objective (InterOnly) and with
@@ -114,6 +123,7 @@ WRONG: dict[str, str] = {
     "BOGC-local": "BOGC",
     "MIMO-local": "MIMO",
     "Sum-local": "MultiObjective",
+    "TorchJD-UPGrad-local": "TorchJD-UPGrad",
 }
 
 
@@ -169,7 +179,7 @@ def build(case: str, data: ShardedSynthetic) -> pl.LightningModule:
         input_shapes=data.input_shapes,
         num_classes=3,
         embed_dim=8,
-        head_hidden=16,
+        head_hidden=None if cls.linear_fused_head else 16,
         encoders=encoders,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
         **instantiate(options),

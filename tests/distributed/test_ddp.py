@@ -5,7 +5,8 @@ one 2-rank launch, each training every case of ``ddp_worker.py`` in turn. Each r
 contiguous half of every global batch; after 5 SGD+momentum steps the parameters (and buffers:
 EMA moments, BatchNorm statistics) must equal single-process training to 1e-5, and the two ranks
 must hold identical ones. The cases: every registered strategy with its defaults, MGDA with scope
-global and per_group, every moments estimator, ``every=2``, and a BatchNorm encoder (synchronised
+global and per_group, every moments estimator, ``every=2``, torchjd's UPGrad and PCGrad through
+the TorchJD rule (skipped without torchjd), and a BatchNorm encoder (synchronised
 by the base module under DDP: ``CPUSyncBatchNorm`` here, on gloo). The deliberately wrong
 variants (a rule on rank-local statistics, MIMO's weights from rank-local losses) must be told
 apart; the same wrong step with the linear ``Sum`` rule is the control that must not be.
@@ -21,14 +22,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_worker import BN_CASES, CASES, WRONG, ShardedSynthetic, build
+from ddp_worker import BN_CASES, CASES, TORCHJD_CASES, WRONG, ShardedSynthetic, build
 
-from helpers import STRATEGY_OPTIONS
+from helpers import STRATEGY_OPTIONS, require
 from mmlearn.gradients import MGDA
+from mmlearn.gradients.torchjd import INSTALL_HINT
+from mmlearn.gradients.torchjd import available as torchjd_available
 from mmlearn.strategies import STRATEGIES, Microbatch, MultiObjective
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-TRAINED = [*CASES, *BN_CASES]
+#: the cases this environment can build: the TorchJD ones need torchjd (skipped without it)
+BUILDABLE = [c for c in CASES if torchjd_available() or c not in TORCHJD_CASES]
+TRAINED = [*BUILDABLE, *BN_CASES]
+WRONG_TRAINED = [w for w, case in WRONG.items() if case in BUILDABLE]
+
+
+def _needs(case: str) -> None:
+    if case in TORCHJD_CASES:
+        require(torchjd_available(), f"{case} needs torchjd: {INSTALL_HINT}")
 
 
 def _free_port() -> int:
@@ -58,7 +69,7 @@ def _run(out: Path, cases: list[str], world: int, batch: int) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     _run(root / "single", TRAINED, world=1, batch=32)
-    _run(root / "ddp", [*TRAINED, *WRONG], world=2, batch=16)
+    _run(root / "ddp", [*TRAINED, *WRONG_TRAINED], world=2, batch=16)
     return root
 
 
@@ -90,7 +101,7 @@ def test_the_cases_cover_every_strategy_estimator_scope_and_every() -> None:
     assert set(STRATEGIES) <= set(CASES)  # a newly registered strategy is covered by default
     assert set(STRATEGY_OPTIONS) <= set(CASES)  # and so is every variant the CLI tests run
     data = ShardedSynthetic(16, 0, 1, num_modalities=3, dim=[6, 5, 4], num_classes=3)
-    models = [build(case, data) for case in CASES]
+    models = [build(case, data) for case in BUILDABLE]
     manual = [m for m in models if isinstance(m, MultiObjective)]
 
     def estimator(m: MultiObjective) -> str:
@@ -101,6 +112,9 @@ def test_the_cases_cover_every_strategy_estimator_scope_and_every() -> None:
     assert estimators == {"BatchRows", "EMAMoments", "Microbatch(4)", "Microbatch(2)", "LastLayer"}
     assert {m.rule.scope for m in manual if isinstance(m.rule, MGDA)} == {"global", "per_group"}
     assert {type(m.rule).__name__ for m in manual if m.every == 2} == {"MGDA", "BOGCCalibration"}
+    # torchjd's aggregators through the TorchJD rule: UPGrad and the randomised PCGrad
+    assert {c.removeprefix("TorchJD-") for c in TORCHJD_CASES} == {"UPGrad", "PCGrad"}
+    assert "TorchJD-UPGrad" in WRONG.values()  # a non-linear aggregator on rank-local rows
     assert set(BN_CASES.values()) <= set(CASES) and set(WRONG.values()) <= set(CASES)
     # the BatchNorm sample covers both automatic optimisation and the manual gradient step
     images = ShardedSynthetic(16, 0, 1, image=True, num_modalities=2, dim=[64, 5], num_classes=3)
@@ -109,6 +123,7 @@ def test_the_cases_cover_every_strategy_estimator_scope_and_every() -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_equal_one_process_on_the_doubled_batch(runs: Path, case: str) -> None:
+    _needs(case)
     _check_equal(runs, case)
 
 
@@ -121,6 +136,7 @@ def test_batchnorm_encoder_two_ranks_equal_one_process(runs: Path, case: str) ->
 
 @pytest.mark.parametrize("case", list(WRONG))
 def test_rank_local_statistics_are_caught(runs: Path, case: str) -> None:
+    _needs(WRONG[case])
     single = _load(runs / "single" / WRONG[case], "rank0.pt")
     r0 = _load(runs / "ddp" / case, "rank0.pt")
     r1 = _load(runs / "ddp" / case, "rank1.pt")

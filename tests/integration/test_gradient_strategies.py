@@ -45,7 +45,9 @@ def make(cls, **kw):
     torch.manual_seed(0)
     data = SyntheticMultimodal(**DATA)
     kw.setdefault("optimizer", functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9))
-    model = cls(input_shapes=data.input_shapes, num_classes=3, embed_dim=8, head_hidden=16, **kw)
+    hidden = None if cls.linear_fused_head else 16
+    shapes = data.input_shapes
+    model = cls(input_shapes=shapes, num_classes=3, embed_dim=8, head_hidden=hidden, **kw)
     return model, data
 
 

@@ -20,6 +20,9 @@ FUSIONS = ("concat", "lrtf")
 
 def build(key: str, fusion: str = "concat") -> torch.nn.Module:
     cls, options = STRATEGY_OPTIONS[key]
+    supported = STRATEGIES[cls].supported_fusions
+    if supported is not None and fusion not in supported:
+        fusion = supported[0]  # OGM-GE reads a concat head's blocks
     torch.manual_seed(0)
     model = STRATEGIES[cls](
         input_shapes=SHAPES, num_classes=4, fusion=fusion, embed_dim=8, **instantiate(options)

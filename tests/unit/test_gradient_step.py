@@ -36,6 +36,7 @@ from mmlearn.gradients import MGDA, RULES, Block, BOGCCalibration, Rule, Sum
 from mmlearn.strategies import (
     BOGC,
     MIMO,
+    MLA,
     STRATEGIES,
     BatchRows,
     EMAMoments,
@@ -66,7 +67,8 @@ FLOAT16_HINT = (
     "is not supported: float16 would need a loss scaler per objective row; "
     "use '32-true' or 'bf16-mixed'"
 )
-MANUAL = [name for name, cls in STRATEGIES.items() if issubclass(cls, MultiObjective)]
+#: the manual-optimisation strategies: MultiObjective and its presets, and MLA (M steps a batch)
+MANUAL = [name for name, cls in STRATEGIES.items() if issubclass(cls, (MultiObjective, MLA))]
 
 
 def exactly(message: str) -> Any:
@@ -80,7 +82,7 @@ def build(cls: type, lr: float = LR, shapes: Mapping[str, list[int]] = SHAPES, *
         input_shapes=dict(shapes),
         num_classes=K,
         embed_dim=4,
-        head_hidden=5,
+        head_hidden=None if cls.linear_fused_head else 5,
         encoders={m: {"name": "mlp", "hidden": [6]} for m in shapes},
         optimizer=functools.partial(torch.optim.SGD, lr=lr),
         **kw,
@@ -610,8 +612,9 @@ def test_clip_grad_norm_is_a_norm_clip_whatever_the_trainer_asks(name: str) -> N
         fitted.fit(model, datamodule=make_data())
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n != "MLA"])  # MLA: M steps a batch,
 def test_an_active_clip_bounds_every_strategys_sgd_step_to_lr_times_the_clip(name: str) -> None:
+    # each clipped (tests/unit/test_strategy_steps.py replays MLA with its clip)
     clip = 1e-3
     model = build(STRATEGIES[name], clip_grad_norm=clip)
     before = [p.detach().clone() for p in model.parameters()]
@@ -665,8 +668,9 @@ def test_the_lr_scheduler_steps_once_per_epoch(name: str) -> None:
     scheduler = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
     model = build(STRATEGIES[name], lr_scheduler=scheduler)
     fitted = trainer(max_epochs=2, max_steps=-1)
-    fitted.fit(model, datamodule=make_data(n_train=24))  # one step per epoch
-    assert fitted.global_step == 2
+    fitted.fit(model, datamodule=make_data(n_train=24))  # one batch per epoch
+    per_batch = len(model.modalities) if name == "MLA" else 1  # MLA: a step per modality
+    assert fitted.global_step == 2 * per_batch
     assert fitted.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * 0.25)
 
 
@@ -698,6 +702,11 @@ OBJECTIVES: dict[str, Callable[[nn.Module, Mapping[str, Tensor], Tensor], dict[s
     "BOGC": late_losses,
     "MultiObjective": late_losses,
     "LateFusionHeads": late_losses,
+    "MMPareto": late_losses,
+    "OGMGE": lambda model, x, y: {"fused": F.cross_entropy(joint_logits(model, x), y)},
+    "MLA": lambda model, x, y: {
+        m: F.cross_entropy(model.head(e(x[m])), y) for m, e in model.encoders.items()
+    },
 }
 
 

@@ -33,6 +33,7 @@ from mmlearn.strategies import (
     BOGC,
     FUSED,
     I2M2,
+    MLA,
     STRATEGIES,
     BatchRows,
     EMAMoments,
@@ -443,13 +444,13 @@ def test_the_gradient_strategies_defaults() -> None:
     assert reference.automatic_optimization is True
     assert reference.objective_names == [FUSED, "a", "b"]
     assert STRATEGIES["LateFusionHeads"] is LateFusionHeads
-    # manual optimisation is MultiObjective's (BOGC is a preset of it), and only its
+    # manual optimisation is MultiObjective's (BOGC and MMPareto are presets of it) and MLA's
     manual = {
         name
         for name, cls in STRATEGIES.items()
         if not cls(**kw).automatic_optimization  # type: ignore[call-arg]
     }
-    assert manual == {n for n, c in STRATEGIES.items() if issubclass(c, MultiObjective)}
+    assert manual == {n for n, c in STRATEGIES.items() if issubclass(c, (MultiObjective, MLA))}
     assert manual >= {"MultiObjective", "BOGC"}
 
 

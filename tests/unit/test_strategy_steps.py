@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -29,6 +30,8 @@ from mmlearn.strategies import (
     BOGC,
     I2M2,
     MIMO,
+    MLA,
+    OGMGE,
     STRATEGIES,
     EMAMoments,
     InterOnly,
@@ -36,6 +39,7 @@ from mmlearn.strategies import (
     LastLayer,
     LateFusionHeads,
     Microbatch,
+    MMPareto,
     MultiObjective,
 )
 from reference import (  # noqa: I001  (tests/reference.py)
@@ -74,12 +78,12 @@ def replayed(*classes: type) -> None:
 
 def build(cls: type, **kw: object) -> tuple[pl.LightningModule, SyntheticMultimodal]:
     torch.manual_seed(0)
-    data = SyntheticMultimodal(**DATA)  # type: ignore[arg-type]
+    data = SyntheticMultimodal(**(DATA | kw.pop("data", {})))  # type: ignore[operator]
+    kw.setdefault("embed_dim", 6)
     model = cls(
         input_shapes=data.input_shapes,
         num_classes=K,
-        embed_dim=6,
-        head_hidden=8,
+        head_hidden=None if cls.linear_fused_head else 8,  # OGM-GE reads a linear head
         optimizer=functools.partial(torch.optim.SGD, lr=LR),
         **kw,
     )
@@ -503,6 +507,299 @@ def test_bogc_last_layer_variance_is_the_per_sample_gradient_variance() -> None:
 replayed(BOGC)
 
 
+# ---- OGM-GE: the dominant encoder's gradient damped by 1 - tanh(alpha rho) --------------------
+def ogm_block_logits(model: nn.Module, x: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``z_m = f_m W[:, block m]^T + b / M`` read off the linear fused head, by hand."""
+    w, b = model.joint.head.weight, model.joint.head.bias
+    mods = list(model.joint.encoders)
+    out, start = {}, 0
+    for m in mods:
+        f = model.joint.encoders[m](x[m])
+        out[m] = f @ w[:, start : start + f.shape[1]].T + b / len(mods)
+        start += f.shape[1]
+    return out
+
+
+def ogm_coefficients(scores: list[float], alpha: float) -> list[float]:
+    """The paper's eq. 10 for two modalities (audio = 0, visual = 1); the mean of the others
+    in the ratio for more."""
+    if len(scores) == 2:
+        rho_v = scores[1] / scores[0]
+        if rho_v > 1:
+            return [1.0, 1 - math.tanh(alpha * rho_v)]
+        return [1 - math.tanh(alpha / rho_v), 1.0]
+    out = []
+    for i, s in enumerate(scores):
+        rho = s / (sum(scores[:i] + scores[i + 1 :]) / (len(scores) - 1))
+        out.append(1 - math.tanh(alpha * rho) if rho > 1 else 1.0)
+    return out
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+def test_ogm_damps_the_dominant_encoders_weight_gradients(modalities: int) -> None:
+    alpha = 0.7
+    data = {"num_modalities": modalities, "dim": [5, 4, 3][:modalities]}
+    data |= {"intra": [1.5, 0.5, 0.2][:modalities]}
+    model, dm = build(OGMGE, alpha=alpha, ge=False, data=data)
+    replay = copy.deepcopy(model)
+    batches = epoch_batches(dm)
+    trainer = train(model, dm)
+    seen: list[list[float]] = []
+    for t in range(2):
+        x, y = batches[t]
+        replay.zero_grad()
+        F.cross_entropy(joint_logits(replay.joint, x), y).backward()
+        with torch.no_grad():
+            blocks = ogm_block_logits(replay, x)
+            scores = [
+                float(F.softmax(z, -1)[torch.arange(len(y)), y].sum()) for z in blocks.values()
+            ]
+            k = ogm_coefficients(scores, alpha)
+            seen.append(k)
+            for i, enc in enumerate(replay.joint.encoders.values()):
+                for p in enc.parameters():
+                    if p.dim() >= 2:  # modulate="weights": every weight matrix, not the biases
+                        p.grad *= k[i]
+            for p in replay.parameters():
+                p -= LR * p.grad
+    assert_same_params(model, replay)
+    assert any(min(k) < 0.9 for k in seen)  # the modulation acted
+    for i, m in enumerate(model.modalities):
+        assert step_metric(trainer, f"train/ogm/k/{m}") == pytest.approx(seen[-1][i], rel=1e-5)
+
+
+def test_ogm_coefficient_and_which_encoder_for_both_orders_of_the_ratio() -> None:
+    from mmlearn.strategies.ogm_ge import modulation_coefficients
+
+    for scores, alpha in [
+        ([3.0, 6.0], 0.8),
+        ([6.0, 3.0], 0.8),
+        ([4.0, 4.0], 0.1),
+        ([1.0, 9.0], 2.0),
+    ]:
+        rho, k = modulation_coefficients(torch.tensor(scores), alpha)
+        assert rho.tolist() == pytest.approx([scores[0] / scores[1], scores[1] / scores[0]])
+        assert k.tolist() == pytest.approx(ogm_coefficients(scores, alpha), rel=1e-12)
+    # by hand: visual twice as confident -> visual damped by 1 - tanh(1.6); audio kept
+    assert modulation_coefficients(torch.tensor([3.0, 6.0]), 0.8)[1].tolist() == pytest.approx(
+        [1.0, 1 - 0.9216685544064713]
+    )
+    # audio twice as confident -> audio damped; a tie damps audio (the released code's else)
+    assert modulation_coefficients(torch.tensor([6.0, 3.0]), 0.8)[1].tolist() == pytest.approx(
+        [1 - 0.9216685544064713, 1.0]
+    )
+    assert modulation_coefficients(torch.tensor([4.0, 4.0]), 0.1)[1].tolist() == pytest.approx(
+        [1 - 0.09966799462495582, 1.0]
+    )
+    # three modalities: only those above the mean of the others
+    _, k3 = modulation_coefficients(torch.tensor([2.0, 2.0, 8.0]), 0.5)
+    assert k3.tolist() == pytest.approx([1.0, 1.0, 1 - math.tanh(2.0)])
+
+
+def test_ogm_ge_noise_has_the_gradients_std_on_every_encoder_and_repeats_with_the_seed() -> None:
+    def one_step(**kw: object) -> tuple[nn.Module, nn.Module]:
+        model, dm = build(
+            OGMGE,
+            embed_dim=64,
+            alpha=0.7,
+            data={"num_modalities": 2, "dim": [40, 30], "intra": [1.5, 0.5]},
+            **kw,
+        )
+        before = copy.deepcopy(model)
+        train(model, dm, steps=1)
+        return before, model
+
+    before, plain = one_step(ge=False)
+    _, noisy = one_step(ge=True, noise_seed=3)
+    _, again = one_step(ge=True, noise_seed=3)
+    _, other = one_step(ge=True, noise_seed=4)
+    assert_same_params(noisy, again, atol=0)
+    for m in plain.modalities:
+        pairs = [
+            (a, b, c, d)
+            for a, b, c, d in zip(
+                before.joint.encoders[m].parameters(),
+                plain.joint.encoders[m].parameters(),
+                noisy.joint.encoders[m].parameters(),
+                other.joint.encoders[m].parameters(),
+                strict=True,
+            )
+            if a.dim() >= 2
+        ]
+        assert pairs
+        for a, b, c, d in pairs:
+            # SGD: the noise is (plain update - noisy update) / LR; the damped gradient is the
+            # plain run's, whose undamped std the noise has (the gradient before modulation)
+            noise = ((b - c) / LR).detach()
+            assert float((c - d).detach().abs().max()) > 0  # another seed, other noise
+            assert noise.numel() >= 1000
+            grad = ((a - b) / LR).detach()  # k * g
+            assert float(noise.std()) > 0.5 * float(grad.std())  # noise is not small
+            assert abs(float(noise.mean())) < 4 * float(noise.std()) / noise.numel() ** 0.5
+
+
+replayed(OGMGE)
+
+
+# ---- MMPareto: equal weights when the gradients agree, min-norm when they conflict ------------
+def mmpareto_encoder_update(
+    r: Tensor, sizes: list[int], gamma: float = 1.5, clip: float = 0.001
+) -> tuple[Tensor, bool]:
+    """The paper's loop on one encoder's rows ``[2, P]`` (fused, unimodal): (update, conflict)."""
+    g0, g1 = r[0].double(), r[1].double()
+    cos = float(g0 @ g1) / float(g0.norm() * g1.norm())
+    if cos > 0:
+        w0 = 0.5
+    else:
+        w0 = float((g1 @ g1 - g0 @ g1) / ((g0 - g1) @ (g0 - g1)))
+        w0 = min(max(w0, clip), 1 - clip)
+    new = 2 * (w0 * g0 + (1 - w0) * g1)
+    out, start = [], 0
+    for size in sizes:
+        t = slice(start, start + size)
+        diff = float((g0[t] + g1[t]).norm() / new[t].norm())
+        out.append(new[t] * (diff * gamma if diff > 1 else gamma))
+        start += size
+    return torch.cat(out).float(), cos <= 0
+
+
+def test_mmpareto_follows_the_papers_per_encoder_rule() -> None:
+    model, data = build(MMPareto, gamma=1.5)
+    replay = copy.deepcopy(model)
+    batches = epoch_batches(data, epochs=2)
+    train(model, data, steps=4)
+    sizes = {n: [p.numel() for p in params] for n, params, _ in groups_of(replay)}
+    conflicts: list[bool] = []
+
+    def update(t: int, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for n, r in rows.items():
+            if len(r) == 1:
+                out[n] = r[0]  # heads: their own gradient, as under the summed loss
+                continue
+            out[n], conflict = mmpareto_encoder_update(r, sizes[n])
+            conflicts.append(conflict)
+        return out
+
+    replay, _ = replay_manual(replay, batches, update, steps=4)
+    assert_same_params(model, replay, atol=1e-5)
+    assert len(conflicts) == 12 and 0 < sum(conflicts) < 12  # both branches were taken
+
+
+def test_mmpareto_rule_by_hand_for_agreeing_and_conflicting_gradients() -> None:
+    from mmlearn.gradients import MMParetoCombination
+
+    rule = MMParetoCombination(gamma=1.5)
+    agree = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    row, _ = rule(agree)
+    torch.testing.assert_close(row, torch.tensor([3.0, 3.0, 1.5], dtype=torch.float64))
+    # conflicting: w_0 = (|g1|^2 - g0.g1) / |g0 - g1|^2 = 3/5, new = 2 (0.6 g0 + 0.4 g1)
+    conflict = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
+    new = torch.tensor([0.4, 0.8], dtype=torch.float64)
+    row, _ = rule(conflict)  # one tensor: |sum| = 1 > |new| = sqrt(0.8): rescaled up to 1
+    torch.testing.assert_close(row, 1.5 * new / 0.8**0.5)
+    row, _ = rule(conflict, sizes=(1, 1))  # per tensor: [0] has |sum| = 0 (kept), [1] 1 / 0.8
+    torch.testing.assert_close(row, torch.tensor([1.5 * 0.4, 1.5 * 1.0], dtype=torch.float64))
+    # a nearly opposed pair: min-norm weight clipped to [0.001, 0.999]
+    opposed = torch.tensor([[1.0, 0.0], [-1e-6, 0.0]], dtype=torch.float64)
+    w = rule.simplex_weights(opposed)
+    assert float(w[0]) == pytest.approx(0.001) and float(w[1]) == pytest.approx(0.999)
+
+
+replayed(MMPareto)
+
+
+# ---- MLA: alternating unimodal steps through one shared head --------------------------------
+def mla_replay(
+    model: nn.Module,
+    batches: Batches,
+    n_batches: int,
+    modify: bool = True,
+    clip: float | None = None,
+) -> int:
+    """The paper's loop: per batch, per modality, a step on its encoder and the shared head,
+    the head's weight gradient projected by the recursive projector; returns the steps."""
+    d = model.head.weight.shape[1]
+    proj = torch.eye(d)
+    count = 0
+    for t in range(n_batches):
+        x, y = batches[t]
+        feats = {m: enc(x[m]) for m, enc in model.encoders.items()}
+        for m, enc in model.encoders.items():
+            params = [*enc.parameters(), model.head.weight, model.head.bias]
+            loss = F.cross_entropy(model.head(feats[m]), y)
+            grads = list(torch.autograd.grad(loss, params))
+            if modify and count > 0:
+                alpha = 0.1 ** (1 + t / len(batches))
+                r = feats[m].detach().mean(0, keepdim=True)  # [1, D]
+                k = proj @ r.T
+                proj = proj - (k @ k.T) / (alpha + r @ k)
+                proj = proj / torch.linalg.matrix_norm(proj)
+                grads[-2] = grads[-2] @ proj.T
+            if clip is not None:  # each step's gradient norm clipped (torch's clip_grad_norm_)
+                total = float(torch.cat([g.flatten() for g in grads]).norm())
+                grads = [g * min(1.0, clip / (total + 1e-6)) for g in grads]
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p -= LR * g
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("modify", [True, False])
+def test_mla_alternates_unimodal_steps_with_the_projected_head_gradient(modify: bool) -> None:
+    model, data = build(MLA, gradient_modification=modify)
+    replay = copy.deepcopy(model)
+    batches = epoch_batches(data)
+    m = len(model.modalities)
+    train(model, data, steps=2 * m)  # M optimiser steps per batch
+    assert mla_replay(replay, batches, 2, modify) == 2 * m
+    assert_same_params(model, replay)
+    if modify:  # the projection changed the head's update (the check has teeth)
+        plain = copy.deepcopy(build(MLA)[0])
+        mla_replay(plain, batches, 2, modify=False)
+        assert float((plain.head.weight - replay.head.weight).abs().max()) > 1e-3
+
+
+def test_mla_clips_each_unimodal_step() -> None:
+    clip = 0.05
+    model, data = build(MLA, clip_grad_norm=clip)
+    replay = copy.deepcopy(model)
+    batches = epoch_batches(data)
+    train(model, data, steps=2 * len(model.modalities))
+    mla_replay(replay, batches, 2, clip=clip)
+    assert_same_params(model, replay)
+    unclipped = copy.deepcopy(build(MLA)[0])
+    mla_replay(unclipped, batches, 2)
+    assert float((unclipped.head.weight - replay.head.weight).abs().max()) > 1e-3  # it clipped
+
+
+def test_mla_fuses_by_entropy_and_drops_an_absent_modality() -> None:
+    model, _ = build(MLA)
+    sharp = torch.tensor([[4.0, 0.0, 0.0]])
+    flat = torch.tensor([[0.1, 0.0, -0.1]])
+    mid = torch.tensor([[1.0, 2.0, 0.0]])
+    outputs = dict(zip(model.modalities, [sharp, flat, mid], strict=True))
+
+    def entropy(z: Tensor) -> float:
+        p = F.softmax(z, -1)
+        return float(-(p * p.log()).sum())
+
+    h = torch.tensor([entropy(z) for z in (sharp, flat, mid)])
+    w = torch.exp(h.max() - h) / torch.exp(h.max() - h).sum()  # the paper's weights
+    fused = w[0] * sharp + w[1] * flat + w[2] * mid
+    got = model.predict_log_proba(outputs | {"fused": model.fuse(outputs)})
+    torch.testing.assert_close(got, F.log_softmax(fused, -1))
+    assert float(w[0]) > float(w[2]) > float(w[1])  # the sharpest modality weighs most
+    present = {m: torch.tensor([m != model.modalities[0]]) for m in model.modalities}
+    w2 = torch.exp(h[1:].max() - h[1:]) / torch.exp(h[1:].max() - h[1:]).sum()
+    got = model.predict_log_proba(outputs | {"fused": model.fuse(outputs)}, present)
+    torch.testing.assert_close(got, F.log_softmax(w2[0] * flat + w2[1] * mid, -1))
+
+
+replayed(MLA)
+
+
 def test_every_registered_strategy_has_a_replay() -> None:
     assert set(STRATEGIES.values()) <= REPLAYED, set(STRATEGIES.values()) - REPLAYED
 
@@ -529,7 +826,22 @@ INFERENCE = {
     "BOGC": late_inference,
     "MultiObjective": late_inference,
     "LateFusionHeads": late_inference,
+    "MMPareto": late_inference,
+    "OGMGE": lambda model, x: ([joint_logits(model.joint, x)], ogm_block_logits(model, x)),
+    "MLA": lambda model, x: (
+        [mla_fused(model, x)],
+        {m: model.head(enc(x[m])) for m, enc in model.encoders.items()},
+    ),
 }
+
+
+def mla_fused(model: nn.Module, x: Mapping[str, Tensor]) -> Tensor:
+    """``sum_m w_m z_m``, ``w = softmax(-H(p_m))`` per sample, by hand."""
+    z = [model.head(enc(x[m])) for m, enc in model.encoders.items()]
+    h = torch.stack([-(F.softmax(v, -1) * F.log_softmax(v, -1)).sum(-1) for v in z])
+    w = torch.exp(h.max(0).values - h)
+    w = w / w.sum(0)
+    return sum(w[i].unsqueeze(1) * v for i, v in enumerate(z))  # type: ignore[return-value]
 
 
 def test_the_inference_table_covers_every_registered_strategy() -> None:

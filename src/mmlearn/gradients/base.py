@@ -25,11 +25,15 @@ class Block:
             that rules solving over all groups at once (MGDA ``scope="global"``) can align them.
         var: ``[n, P]`` per-dimension variance of each row, or ``None`` where the moments
             estimator gives none.
+        sizes: the number of entries of each parameter tensor of the group, in row order
+            (they sum to ``P``), for rules that treat tensors apart (MMPareto's rescale), or
+            ``None`` (the row is one tensor).
     """
 
     rows: Tensor
     objectives: tuple[int, ...]
     var: Tensor | None = None
+    sizes: tuple[int, ...] | None = None
 
 
 class Rule:

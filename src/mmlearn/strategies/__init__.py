@@ -4,7 +4,8 @@
 ``MIMO`` and ``BOGC`` (gradient-level balancing of fused and unimodal objectives),
 ``MultiObjective`` (any rule from :mod:`mmlearn.gradients` with any moments estimator from
 :mod:`mmlearn.strategies.moments`, e.g. the ``MGDA`` baseline) and ``LateFusionHeads`` (the
-reference: InterOnly with unimodal heads, the plain sum by automatic optimisation).
+reference: InterOnly with unimodal heads, the plain sum by automatic optimisation), and the
+imbalance baselines ``OGMGE``, ``MMPareto`` and ``MLA``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from mmlearn.strategies.inter_only import InterOnly
 from mmlearn.strategies.intra_only import IntraOnly
 from mmlearn.strategies.late_fusion import LateFusionHeads
 from mmlearn.strategies.mimo import MIMO
+from mmlearn.strategies.mla import MLA
+from mmlearn.strategies.mmpareto import MMPareto
 from mmlearn.strategies.moments import BatchRows, EMAMoments, LastLayer, Microbatch, Moments
 from mmlearn.strategies.multi_objective import MultiObjective
+from mmlearn.strategies.ogm_ge import OGMGE
 
 STRATEGIES: dict[str, type[MultimodalModule]] = {
     "InterOnly": InterOnly,
@@ -27,6 +31,9 @@ STRATEGIES: dict[str, type[MultimodalModule]] = {
     "BOGC": BOGC,
     "MultiObjective": MultiObjective,
     "LateFusionHeads": LateFusionHeads,
+    "OGMGE": OGMGE,
+    "MMPareto": MMPareto,
+    "MLA": MLA,
 }
 
 __all__ = [
@@ -39,7 +46,10 @@ __all__ = [
     "FUSED",
     "LateFusionHeads",
     "MIMO",
+    "MLA",
+    "MMPareto",
     "MultiObjective",
+    "OGMGE",
     "I2M2",
     "STRATEGIES",
     "InterOnly",

@@ -103,6 +103,10 @@ class MultimodalModule(pl.LightningModule):
     #: Whether the inference rule leaves absent modalities' experts out of a product (``drop``,
     #: docs/methods.md section 8); the others can only be given imputed inputs or features.
     drops_experts: bool = False
+    #: the fusions the strategy can be built with (``None``: every one in ``FUSIONS``)
+    supported_fusions: tuple[str, ...] | None = None
+    #: whether the strategy needs a linear fused head (``head_hidden`` null or 0: OGM-GE)
+    linear_fused_head: bool = False
 
     def __init__(
         self,
@@ -354,7 +358,12 @@ class MultimodalModule(pl.LightningModule):
         self.log_losses(loss, losses, batch.size)
         with torch.no_grad():
             self._update_metrics("train", outputs, batch)
+            self.on_train_outputs(outputs, batch)
         return loss
+
+    def on_train_outputs(self, outputs: Mapping[str, Tensor], batch: MultimodalBatch) -> None:
+        """Hook after an automatic-optimisation forward pass (no grad), before the backward:
+        OGM-GE reads its confidence scores here."""
 
     def validation_step(self, batch: MultimodalBatch, batch_idx: int) -> None:
         self._evaluate(batch, "val")

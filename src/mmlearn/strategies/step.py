@@ -348,6 +348,7 @@ def combine(
             rows[g.name],
             tuple(objectives.index(k) for k in g.objectives),
             None if var is None else var[g.name],
+            tuple(p.numel() for p in g.params),
         )
         for g in groups
     ]
