@@ -638,6 +638,15 @@ def test_ogm_ge_noise_has_the_gradients_std_on_every_encoder_and_repeats_with_th
             assert abs(float(noise.mean())) < 4 * float(noise.std()) / noise.numel() ** 0.5
 
 
+def test_ogm_refuses_gradient_accumulation() -> None:
+    # the modulation after each micro-batch would damp the gradient accumulated so far again
+    model, data = build(OGMGE)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=2, logger=False)
+    message = "OGMGE: trainer.accumulate_grad_batches=2 is not supported"
+    with pytest.raises(MMLearnError, match=f"^{re.escape(message)}"):
+        trainer.fit(model, datamodule=data)
+
+
 replayed(OGMGE)
 
 
@@ -700,6 +709,13 @@ def test_mmpareto_rule_by_hand_for_agreeing_and_conflicting_gradients() -> None:
     torch.testing.assert_close(row, 1.5 * new / 0.8**0.5)
     row, _ = rule(conflict, sizes=(1, 1))  # per tensor: [0] has |sum| = 0 (kept), [1] 1 / 0.8
     torch.testing.assert_close(row, torch.tensor([1.5 * 0.4, 1.5 * 1.0], dtype=torch.float64))
+    # opposed gradients: the min-norm point is 0 up to rounding; rescaling that rounding to the
+    # sum's norm would step in an arbitrary direction: those tensors get no step
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    row, _ = rule(torch.stack([g, -0.3 * g]), sizes=(600, 400))
+    assert float(row.abs().max()) < 1e-5 * float(g.norm())
+    row, _ = rule(torch.stack([g, -0.5 * g]).double())  # exact cancellation: 0, not NaN
+    assert torch.equal(row, torch.zeros_like(row))
     # a nearly opposed pair: min-norm weight clipped to [0.001, 0.999]
     opposed = torch.tensor([[1.0, 0.0], [-1e-6, 0.0]], dtype=torch.float64)
     w = rule.simplex_weights(opposed)
@@ -795,6 +811,9 @@ def test_mla_fuses_by_entropy_and_drops_an_absent_modality() -> None:
     w2 = torch.exp(h[1:].max() - h[1:]) / torch.exp(h[1:].max() - h[1:]).sum()
     got = model.predict_log_proba(outputs | {"fused": model.fuse(outputs)}, present)
     torch.testing.assert_close(got, F.log_softmax(w2[0] * flat + w2[1] * mid, -1))
+    # an absent modality's logits are left out, whatever they hold
+    broken = outputs | {model.modalities[0]: torch.full_like(sharp, float("nan"))}
+    torch.testing.assert_close(model.predict_log_proba(broken, present), got)
 
 
 replayed(MLA)

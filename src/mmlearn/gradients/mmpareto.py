@@ -33,6 +33,10 @@ class MMParetoCombination(Rule):
     2. ``new = 2 (w_0 g_0 + w_m g_m)``.
     3. Per parameter tensor t: ``g_t = gamma * max(1, |g_0,t + g_m,t| / |new_t|) * new_t``.
 
+    Where ``|new_t| <= 1e-5 |g_0,t + g_m,t|`` (opposed gradients: the min-norm point is zero up to
+    rounding) the tensor gets no step: the rescale would blow the rounding error up to the sum's
+    norm in an arbitrary direction, and the paper's loop gives NaN when ``new_t`` is exactly 0.
+
     Generalisation to ``n`` rows (not in the paper, which has two per encoder): equal weights
     ``1/n`` if every pair of rows has a positive cosine, else the min-norm simplex weights of
     all ``n`` (:func:`~mmlearn.gradients.min_norm_weights`, exact up to 8) clipped to
@@ -57,6 +61,9 @@ class MMParetoCombination(Rule):
         if not 0 <= clip < 0.5:
             raise MMLearnError(f"MMPareto: clip={clip}; expected 0 <= clip < 0.5 (paper: 0.001)")
         self.gamma, self.clip = float(gamma), float(clip)
+        #: a tensor whose combined gradient is shorter than ``tiny`` times the plain sum's is
+        #: Pareto-stationary up to rounding: it gets no step (see :meth:`__call__`)
+        self.tiny = 1e-5
 
     def simplex_weights(self, rows: Tensor) -> Tensor:
         """``w [n]`` on the simplex: equal if every pair agrees, else clipped min-norm."""
@@ -88,8 +95,13 @@ class MMParetoCombination(Rule):
         for size in sizes if sizes is not None else (p,):
             t = slice(start, start + size)
             new_norm, plain_norm = new[t].norm(), plain[t].norm()
-            ratio = plain_norm / new_norm if new_norm > 0 else new_norm.new_ones(())
-            scale[t] = self.gamma * ratio.clamp_min(1.0)
+            if new_norm <= self.tiny * plain_norm:
+                # (almost) exactly opposed gradients: the min-norm point is 0 up to rounding,
+                # and rescaling that rounding to the sum's norm would be a step in a random
+                # direction (the paper's loop gives NaN or noise here): no step for this tensor
+                scale[t] = 0.0
+            else:
+                scale[t] = self.gamma * (plain_norm / new_norm).clamp_min(1.0)
             start += size
         if start != p:
             raise MMLearnError(f"MMPareto: parameter sizes sum to {start}, the rows have {p}")

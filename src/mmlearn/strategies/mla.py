@@ -37,17 +37,16 @@ def entropy_weights(
             h = -(p * lp).sum(-1)
         entropies.append(h)
     score = -torch.stack(entropies)  # [M, B]
-    if present:
-        mask = torch.stack(
-            [
-                present[m] if m in present else torch.ones_like(score[0], dtype=torch.bool)
-                for m in names
-            ]
-        )
-        none = ~mask.any(0, keepdim=True)
-        score = torch.where(mask | none, score, torch.full_like(score, -torch.inf))
-        score = torch.where(none, torch.zeros_like(score), score)
-    return torch.softmax(score, dim=0)
+    if not present:
+        return torch.softmax(score, dim=0)
+    mask = torch.stack(
+        [present[m] if m in present else torch.ones_like(score[0], dtype=torch.bool) for m in names]
+    )
+    none = ~mask.any(0, keepdim=True)
+    use = mask | none  # a sample with no modality present: all of them, equally
+    score = torch.where(none, torch.zeros_like(score), score)
+    score = torch.where(use, score, torch.full_like(score, -torch.inf))
+    return torch.where(use, torch.softmax(score, dim=0), torch.zeros_like(score))
 
 
 def project_step(projector: Tensor, r: Tensor, alpha: float) -> Tensor:
@@ -79,7 +78,11 @@ class MLA(MultimodalModule):
     Inference (test-time uncertainty-based fusion): per sample,
     ``z = sum_m w_m z_m`` with ``w = softmax_m(-H(p_m))`` (:func:`entropy_weights`); an absent
     modality is left out of the weights (``drop``). ``outputs`` holds the unimodal logits by
-    modality and ``"fused"``, the fused logits of all modalities.
+    modality and ``"fused"``, the fused logits of all modalities. (The released code takes the
+    entropy over the batch dimension, one weight per modality and batch, and only with its
+    ``--dynamic`` option; we follow the paper's per-sample weights. Its projector update divides
+    by the matrix ``k r^T`` elementwise where the paper has the scalar ``r^T k``; we follow the
+    paper, and its name test never matches, so the released runs do not project at all.)
 
     Under DDP each step's gradients and ``r`` are averaged over ranks in one collective before
     the projector and the optimiser see them, so 2 ranks train as 1 process on the doubled batch.
@@ -143,7 +146,12 @@ class MLA(MultimodalModule):
         uni = {m: outputs[m] for m in self.modalities}
         lp = {m: self.log_proba(z) for m, z in uni.items()}
         w = entropy_weights(lp, present, self.multilabel)
-        return sum(w[i].unsqueeze(1).to(z.dtype) * z for i, z in enumerate(uni.values()))  # type: ignore[return-value]
+        # an absent modality's logits are left out, not multiplied by 0 (NaN * 0 is NaN)
+        terms = [
+            torch.where(w[i].unsqueeze(1) > 0, w[i].unsqueeze(1).to(z.dtype) * z, 0.0)
+            for i, z in enumerate(uni.values())
+        ]
+        return torch.stack(terms).sum(0)
 
     def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
         return {m: self.loss(outputs[m], target) for m in self.modalities}
@@ -177,10 +185,9 @@ class MLA(MultimodalModule):
             loss = self.loss(self.head(feats[f"encoders.{m}"]), batch.target)
             losses[m] = loss.detach()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            local = {
-                str(i): torch.zeros_like(p) if g is None else g
-                for i, (p, g) in enumerate(zip(params, grads, strict=True))
-            }
+            # a parameter outside the graph (the same on every rank) keeps grad None, so that
+            # momentum and weight decay leave it alone, as a backward pass would
+            local = {str(i): g for i, g in enumerate(grads) if g is not None}
             local["r"] = feats[f"encoders.{m}"].detach().mean(0)
             summed = step.reduce_sum(local)
             mean = {k: v / world for k, v in summed.items()} if world > 1 else summed
@@ -190,11 +197,12 @@ class MLA(MultimodalModule):
                 )
                 self._projector.copy_(p_new)
                 w = str(len(params) - 2)  # the head's weight (then its bias)
-                mean[w] = mean[w] @ self._projector.T.to(mean[w].dtype)
+                if w in mean:
+                    mean[w] = mean[w] @ self._projector.T.to(mean[w].dtype)
             for p in self.parameters():
                 p.grad = None
             for i, p in enumerate(params):
-                p.grad = mean[str(i)].to(p.dtype)
+                p.grad = mean[str(i)].to(p.dtype) if str(i) in mean else None
             if self.clip_grad_norm:
                 self.clip_gradients(opt, self.clip_grad_norm, "norm")  # type: ignore[arg-type]
             opt.step()  # type: ignore[union-attr]

@@ -19,6 +19,8 @@ class MMPareto(MultiObjective):
     ``new = 2 (w_0 g_0 + w_m g_m)``, rescaled per parameter tensor to at least the plain sum's
     norm, times ``gamma`` (:class:`~mmlearn.gradients.MMParetoCombination`). The fusion and
     heads get their own objective's gradient, as under the plain sum. Inference: the fused head.
+    The fused head is the shared one (``head_hidden`` 128 by default); the authors' is linear on
+    the concat features (``head_hidden: null``).
 
     A preset of :class:`MultiObjective` with that rule: the rows are synced over ranks before
     the rule runs, so 2 ranks train as 1 process on the doubled batch. Any number of

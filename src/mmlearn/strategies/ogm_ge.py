@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from mmlearn.batch import MultimodalBatch
 from mmlearn.errors import MMLearnError
 from mmlearn.strategies import step
-from mmlearn.strategies.base import FUSED, MultimodalModule
+from mmlearn.strategies.base import FUSED
+from mmlearn.strategies.inter_only import InterOnly
 
 #: which tensors of an encoder are modulated
 MODULATE = ("conv", "weights", "all")
@@ -43,7 +44,7 @@ def modulation_coefficients(scores: Tensor, alpha: float) -> tuple[Tensor, Tenso
     return rho, torch.where(mask, dampened, torch.ones_like(s))
 
 
-class OGMGE(MultimodalModule):
+class OGMGE(InterOnly):
     """InterOnly with a linear head on concat features, the dominant encoder's gradient damped.
 
     Peng, Wei, Deng, Wang, Hu, "Balanced Multimodal Learning via On-the-fly Gradient
@@ -70,13 +71,16 @@ class OGMGE(MultimodalModule):
         modulate: which gradient tensors of each encoder: ``"conv"`` (tensors of 3+ dims:
             convolution kernels, what the paper's ResNet-18 rule touches), ``"weights"``
             (default: every tensor of 2+ dims, so MLP encoders are modulated too), ``"all"``.
-        noise_seed: the noise generator's seed; default the run's ``seed_everything`` seed.
+        noise_seed: the noise generator's seed; default the run's ``seed_everything`` seed (0
+            when none was set, so unseeded runs draw the same noise).
         head_hidden: ``None`` (or 0): the fused head is linear; anything else is refused.
         fusion: ``"concat"``; anything else is refused.
         **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule`.
 
-    Multi-label data: ``s_m`` is the sum over samples of the mean over labels of the probability
-    of the label's true value. Logged: ``train/ogm/rho/{m}`` and ``train/ogm/k/{m}``.
+    InterOnly's model and objective (its ``joint``, ``CE(z_J, y)``, inference by the fused head);
+    ``forward`` adds the head's blocks. Multi-label data: ``s_m`` is the sum over samples of the
+    mean over labels of the probability of the label's true value. Logged: ``train/ogm/rho/{m}``
+    and ``train/ogm/k/{m}``.
     """
 
     has_experts = True
@@ -120,7 +124,6 @@ class OGMGE(MultimodalModule):
         self.alpha, self.ge, self.modulate = float(alpha), bool(ge), modulate
         self.modulation_starts, self.modulation_ends = modulation_starts, modulation_ends
         self.noise_seed = noise_seed
-        self.joint = self.build_joint()
         self.targets = {m: self._selected(m) for m in self.modalities}
         self._coefficients: Tensor | None = None
 
@@ -150,24 +153,23 @@ class OGMGE(MultimodalModule):
         return out
 
     def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self.decode({f"joint.{m}": f for m, f in self.joint.features(inputs).items()})
-
-    def feature_encoders(self) -> dict[str, tuple[str, nn.Module]]:
-        return {f"joint.{m}": (m, e) for m, e in self.joint.encoders.items()}
+        return self.decode(self.encode(inputs))
 
     def decode(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         feats = {m: features[f"joint.{m}"] for m in self.modalities}
         return {FUSED: self.joint.decode(feats)} | self.head_blocks(feats)
 
-    def objectives(self, outputs: Mapping[str, Tensor], target: Tensor) -> dict[str, Tensor]:
-        return {FUSED: self.loss(outputs[FUSED], target)}
-
-    def predict_log_proba(
-        self, outputs: Mapping[str, Tensor], present: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
-        return self.log_proba(outputs[FUSED])
-
     # ---- the modulation -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        if stage == "fit" and accumulate > 1:
+            raise MMLearnError(
+                f"OGMGE: trainer.accumulate_grad_batches={accumulate} is not supported: the "
+                "modulation would damp the gradient accumulated so far after every micro-batch "
+                "(and draw the same noise each time); use a larger data.batch_size instead"
+            )
+
     def modulating(self) -> bool:
         return self.modulation_starts <= self.current_epoch <= self.modulation_ends
 
