@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from mmlearn.cli import main
-from mmlearn.evaluation.compare_eval import dependency_report, flatten, read_dependency
+from mmlearn.evaluation.compare_eval import (
+    dependency_report,
+    flatten,
+    gap_markdown,
+    probe_gap,
+    read_dependency,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [
@@ -69,6 +75,42 @@ def test_every_run_is_evaluated_and_the_summary_pairs_them(compared: Path) -> No
     for png in ("missing_heatmap.png", "risk.png", "comparison.png"):
         assert (compared / png).read_bytes()[:4] == b"\x89PNG"
     assert "too few seeds" in (compared / "summary.md").read_text()
+
+
+def test_the_probe_gap_pairs_each_encoder_with_the_encoder_trained_alone(compared: Path) -> None:
+    from scipy import stats
+
+    results = read(compared / "results.csv")
+    probes = {
+        (r["strategy"], r["seed"]): {
+            p["encoder"]: p["probe_acc"]
+            for p in json.loads(Path(r["evaluation"]).read_text())["probes"]
+        }
+        for r in results
+    }
+    assert set(probes[("i2m2", "0")]) == {"joint.m0", "joint.m1", "experts.m0", "experts.m1"}
+    gaps = {(g["strategy"], g["modality"]): g for g in read(compared / "probe_gap.csv")}
+    # intra_only (mode: independent) is the reference: no row of its own
+    assert set(gaps) == {(s, m) for s in ("inter_only", "i2m2") for m in ("m0", "m1")}
+    text = (compared / "evaluation.md").read_text()
+    assert "## Probe gap" in text and "Reference: **intra_only**" in text
+    for (strategy, m), g in gaps.items():
+        assert g["encoder"] == f"joint.{m}"  # I2M2: the joint model's encoder, not its expert
+        assert g["reference"] == "intra_only" and g["reference_encoder"] == f"experts.{m}"
+        diffs = [
+            probes[(strategy, s)][f"joint.{m}"] - probes[("intra_only", s)][f"experts.{m}"]
+            for s in ("0", "1")
+        ]
+        mean = sum(diffs) / 2
+        half = stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2  # std of 2 / sqrt(2)
+        assert g["pairs"] == "2"
+        assert float(g["diff"]) == pytest.approx(mean, abs=1e-9)
+        assert float(g["diff_ci_low"]) == pytest.approx(mean - half, abs=1e-9)
+        assert float(g["diff_ci_high"]) == pytest.approx(mean + half, abs=1e-9)
+        ref = [probes[("intra_only", s)][f"experts.{m}"] for s in ("0", "1")]
+        assert float(g["reference_probe"]) == pytest.approx(sum(ref) / 2, abs=1e-9)
+        assert g["reading"] in text
+        assert f"{strategy}" in g["reading"] and f"({g['encoder']})" in g["reading"]
 
 
 def test_collect_reads_the_runs_evaluations_back(compared: Path, tmp_path: Path) -> None:
@@ -174,3 +216,74 @@ def test_train_fractions_run_every_config_at_each_and_tabulate_the_largest(
         main([*args[:-5], "--train_fractions", "0", "--out", str(tmp_path / "x")])
     assert bad.value.code == 2
     assert "--train_fractions [0.0]" in capsys.readouterr().err
+
+
+# ---- the probe gap from hand-made evaluations ---------------------------------------------------
+def evaluated(strategy: str, seed: int, mode: str | None = None, **probes: float) -> dict:
+    saved: dict[str, object] = {"strategy": strategy, "probes": []}
+    if mode:
+        saved["mode"] = mode
+    saved["probes"] = [{"encoder": e.replace("__", "."), "probe_acc": v} for e, v in probes.items()]
+    label = {"IntraOnly": "alone", "InterOnly": "joint"}.get(strategy, strategy.lower())
+    if mode == "joint":
+        label = "intra_joint"
+    return {"strategy": label, "seed": seed, "saved": saved}
+
+
+def test_the_probe_gap_reads_below_none_and_above() -> None:
+    alone = [0.80, 0.82, 0.79, 0.81, 0.80]
+    runs = [
+        evaluated("IntraOnly", s, "independent", experts__a=0.9, experts__b=v)
+        for s, v in enumerate(alone)
+    ]
+    # joint: b 4 points below (with spread), a the same as alone
+    runs += [
+        evaluated("InterOnly", s, joint__a=0.9, joint__b=v - 0.04 + 0.002 * (s % 2))
+        for s, v in enumerate(alone)
+    ]
+    # I2M2: the joint encoder is read (its expert of b is as good as alone's, the joint one worse)
+    runs += [
+        evaluated(
+            "I2M2", s, joint__a=0.9, joint__b=v - 0.1 + 0.001 * s, experts__a=0.9, experts__b=v
+        )
+        for s, v in enumerate(alone)
+    ]
+    # a strategy with `encoders.<m>` (MLA), above alone on b
+    runs += [
+        evaluated("MLA", s, encoders__a=0.9, encoders__b=v + 0.03 - 0.001 * s)
+        for s, v in enumerate(alone)
+    ]
+    ref, rows = probe_gap(runs, ["joint", "alone", "i2m2", "mla"])
+    assert ref == "alone"
+    by = {(r["strategy"], r["modality"]): r for r in rows}
+    assert list(by) == [(s, m) for s in ("joint", "i2m2", "mla") for m in ("a", "b")]
+    assert by[("i2m2", "b")]["encoder"] == "joint.b" and by[("mla", "b")]["encoder"] == "encoders.b"
+    d = [-0.04 + 0.002 * (s % 2) for s in range(5)]
+    assert by[("joint", "b")]["diff"] == pytest.approx(sum(d) / 5)
+    assert by[("joint", "b")]["diff_ci_high"] < 0
+    assert by[("joint", "b")]["reading"].startswith(
+        "joint leaves modality b's encoder (joint.b) 3.9 points below the encoder trained alone"
+    )
+    assert "95% CI [-" in by[("joint", "b")]["reading"]
+    assert by[("joint", "a")]["diff"] == pytest.approx(0.0)
+    assert "no measurable gap" in by[("joint", "a")]["reading"]
+    assert by[("i2m2", "b")]["diff"] == pytest.approx(-0.1 + 0.002)
+    assert "above the encoder trained alone" in by[("mla", "b")]["reading"]
+    assert by[("joint", "b")]["reference_probe"] == pytest.approx(sum(alone) / 5)
+    table = gap_markdown(ref, rows, ["joint", "alone", "i2m2", "mla"])
+    assert "| joint | b | `joint.b` | 0.7648 | 0.8040 | -0.0392 [" in table
+
+
+def test_the_probe_gap_says_when_there_is_no_encoder_trained_alone() -> None:
+    runs = [evaluated("InterOnly", s, joint__a=0.7) for s in range(2)]
+    runs += [evaluated("IntraOnly", s, "joint", experts__a=0.8) for s in range(2)]
+    ref, rows = probe_gap(runs, ["joint", "intra_joint"])
+    assert ref is None and rows == []  # IntraOnly mode: joint is not trained alone
+    assert "no IntraOnly run with `mode: independent`" in gap_markdown(ref, rows, ["joint"])
+    one = [evaluated("IntraOnly", 0, "independent", experts__a=0.8)]
+    ref, rows = probe_gap(one + [evaluated("InterOnly", 0, joint__a=0.7)], ["joint", "alone"])
+    assert ref == "alone" and rows[0]["pairs"] == 1 and math.isnan(rows[0]["diff_ci_low"])
+    assert "from 1 seed: no interval" in rows[0]["reading"]
+    ref, rows = probe_gap(one + [evaluated("InterOnly", 5, joint__a=0.7)], ["joint", "alone"])
+    assert rows[0]["pairs"] == 0 and "no gap measured" in rows[0]["reading"]
+    assert "| joint | a | `joint.a` | 0.7000 | n/a | n/a | 0 | n/a |" in gap_markdown(ref, rows, [])

@@ -14,7 +14,8 @@ once. A run that fails is named (config, seed, error) and the others go on; the 
 then 1. Stopping the compare (SIGTERM, Ctrl-C) stops its ``--jobs`` workers.
 
 Writes to ``--out``: ``results.csv`` (one row per run), ``summary.csv`` and ``summary.md`` (mean,
-std, 95% CI per metric; paired tests against ``--baseline``), ``comparison.png``; when runs fail,
+std, 95% CI per metric; paired tests against ``--baseline``; the training protocol every strategy
+got, also as ``protocol.md``), ``comparison.png``; when runs fail,
 ``failures.csv`` (config, seed, error) and ``failures.log`` (their tracebacks).
 """
 
@@ -50,6 +51,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mmlearn.errors import MMLearnError, user_error
 from mmlearn.evaluation import compare_eval
 from mmlearn.evaluation.compare_eval import EVAL_REPORTS
+from mmlearn.evaluation.protocol import protocol
 from mmlearn.evaluation.report import Row, markdown_table, plot, summarise, write_csv
 from mmlearn.lightning_cli import build_cli
 
@@ -839,6 +841,9 @@ def _report(
         table += f"\n\nNote: {note}."
     if top != 1.0:
         table = f"(runs at train_fraction {top:g})\n\n" + table
+    budget, _ = protocol(every, finished)
+    (out / "protocol.md").write_text(budget + "\n")
+    table += "\n\nTraining protocol (from each run's config.yaml):\n\n" + budget
     (out / "summary.md").write_text(table + ("\n\n" + failed if failed else "") + "\n")
     drawn = plot(rows, summary, out / "comparison.png", strategies)
     evaluation, eval_files = "", list[Path]()

@@ -6,8 +6,10 @@ writes, into the compare's ``--out``:
 
 - ``evaluation_summary.csv``: per (strategy, measure) n, mean, std, 95% CI, and the paired
   difference to the baseline with its t and Wilcoxon p and the Holm-corrected p;
-- ``evaluation.md``: calibration, missing-modality, Shapley and probe tables, the dependency
-  report;
+- ``evaluation.md``: calibration, missing-modality, Shapley and probe tables, the probe gap,
+  the dependency report;
+- ``probe_gap.csv``: per (strategy, modality) the paired difference between the probe of the
+  strategy's encoder and the probe of the encoder trained alone (:func:`probe_gap`);
 - ``missing_heatmap.png``: strategies x subsets of present modalities, mean accuracy, a panel
   per semantics;
 - ``risk.png``: test risk (1 - accuracy) against the number of modalities present, and against
@@ -16,6 +18,10 @@ writes, into the compare's ``--out``:
 The dependency report (docs/methods.md section 8, I2M2's argument) reads the runs of
 ``InterOnly``, ``IntraOnly`` (``mode: independent``) and ``I2M2`` as information gains over the
 class prior, in nats.
+
+The probe gap (modality imbalance, Peng et al., OGM-GE, CVPR 2022) reads every strategy's frozen
+encoder of a modality against the same modality's encoder of the ``IntraOnly`` run with
+``mode: independent``, whose experts are each trained on their own loss: "trained alone".
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ from mmlearn.evaluation.report import Row, summarise, write_csv
 #: the measures of every run's evaluation that are summarised, as key prefixes
 CALIBRATION = ("acc", "nll", "ece", "brier", "auroc", "auprc")
 #: the files ``--evaluate`` adds to a compare's ``--out`` (refused there without --overwrite)
-EVAL_REPORTS = ("evaluation_summary.csv", "evaluation.md", "missing_heatmap.png", "risk.png")
+EVAL_REPORTS = (
+    "evaluation_summary.csv",
+    "evaluation.md",
+    "probe_gap.csv",
+    "missing_heatmap.png",
+    "risk.png",
+)
 #: fewest pairs for which the two-sided exact Wilcoxon signed-rank test can reach p < 0.05
 WILCOXON_MIN_PAIRS = 6
 
@@ -127,8 +139,10 @@ def markdown(
     baseline: str,
     dependency: str | None,
     compact: bool = False,
+    gap: str | None = None,
 ) -> str:
-    """``evaluation.md``: calibration, missing modalities, Shapley values, probes, dependency.
+    """``evaluation.md``: calibration, missing modalities, Shapley values, probes, probe gap
+    (``gap``, the Markdown of :func:`gap_markdown`), dependency.
 
     ``compact`` (what the terminal shows): beyond 7 subsets, only each modality alone and all.
     """
@@ -166,6 +180,8 @@ def markdown(
                 lines += [f"`{sem}`:", "", *table, ""]
             continue
         lines += [*_table(summary, strategies, chosen, paired), ""]
+    if gap:
+        lines += ["## Probe gap: each encoder against the encoder trained alone", "", gap, ""]
     if dependency:
         lines += ["## Where the label lives", "", dependency, ""]
     return "\n".join(lines)
@@ -181,6 +197,160 @@ def _transposed(
         cells = [_f(by[(s, m)]["mean"]) if (s, m) in by else "n/a" for s in strategies]
         lines.append(f"| {m.rsplit('/', 1)[1]} | " + " | ".join(cells) + " |")
     return lines
+
+
+# ---- the probe gap ----------------------------------------------------------------------------
+def modality_of(encoder: str) -> str:
+    """The modality of an encoder name: its last dot-separated part (``joint.fou`` -> ``fou``)."""
+    return encoder.rsplit(".", 1)[-1]
+
+
+def gap_encoder(encoders: Sequence[str], modality: str) -> str | None:
+    """The encoder of ``modality`` the probe gap reads among a run's ``encoders``.
+
+    The first one whose name ends in ``.<modality>``; where there are several (I2M2 has
+    ``joint.<m>`` and ``experts.<m>``), the joint model's (``joint.<m>``). ``None``: none.
+    """
+    mine = [e for e in encoders if modality_of(e) == modality]
+    joint = [e for e in mine if e.split(".", 1)[0] == "joint"]
+    chosen = joint or mine
+    return chosen[0] if chosen else None
+
+
+def alone_reference(runs: Sequence[Mapping[str, Any]], strategies: Sequence[str]) -> str | None:
+    """The label of the first strategy (in ``strategies`` order) run as ``IntraOnly`` with
+    ``mode: independent``: each modality's expert trained on its own loss. ``None``: none."""
+    kinds = {r["strategy"]: (r["saved"].get("strategy"), r["saved"].get("mode")) for r in runs}
+    order = [*strategies, *(s for s in kinds if s not in strategies)]
+    return next((s for s in order if kinds.get(s) == ("IntraOnly", "independent")), None)
+
+
+def read_gap(strategy: str, modality: str, encoder: str, entry: Row) -> str:
+    """One sentence on a probe-gap row: below, above, no measurable gap, or too few seeds.
+
+    ``entry`` holds ``pairs``, ``diff``, ``diff_ci_low``, ``diff_ci_high`` (the strategy's
+    probe minus the encoder trained alone, accuracy in [0, 1]; the sentence says points, x100).
+    """
+    who = f"{strategy}'s encoder of modality {modality} ({encoder})"
+    pairs = int(entry.get("pairs", 0))
+    if pairs == 0:
+        return (
+            f"{who}: no seed paired with an encoder of {modality} trained alone, no gap measured."
+        )
+    pts, lo, hi = (100 * float(entry[k]) for k in ("diff", "diff_ci_low", "diff_ci_high"))
+    if math.isnan(lo):
+        return (
+            f"{who}: {pts:+.1f} points against the encoder trained alone, from 1 seed: no interval."
+        )
+    ci = f"difference {pts:+.1f}, 95% CI [{lo:+.1f}, {hi:+.1f}] points over {pairs} seeds"
+    if hi < 0:
+        return (
+            f"{strategy} leaves modality {modality}'s encoder ({encoder}) {-pts:.1f} points "
+            f"below the encoder trained alone ({ci})."
+        )
+    if lo > 0:
+        return f"{who} probes {pts:.1f} points above the encoder trained alone ({ci})."
+    return f"{who}: no measurable gap to the encoder trained alone ({ci})."
+
+
+def probe_gap(
+    runs: Sequence[Mapping[str, Any]], strategies: Sequence[str]
+) -> tuple[str | None, list[Row]]:
+    """The probe of every strategy's encoder of each modality against the encoder trained alone.
+
+    The reference is :func:`alone_reference`; its encoder of modality m is ``experts.<m>``. For
+    every other strategy and modality (encoder by :func:`gap_encoder`), the difference of the
+    probes' test accuracies (strategy minus reference) is paired by seed and summarised by
+    :func:`~mmlearn.evaluation.report.summarise`: mean, 95% t interval, paired t, Wilcoxon and
+    Holm p (over the strategies, per modality).
+
+    Args:
+        runs: one per run: ``strategy``, ``seed``, ``saved`` (its ``evaluation.json``).
+        strategies: the compared labels, in order.
+
+    Returns:
+        (the reference's label or ``None``, one row per (strategy, modality): ``strategy``,
+        ``modality``, ``encoder``, ``reference``, ``reference_encoder``, ``n``, ``probe`` (its
+        mean), ``reference_probe`` (the reference's mean over the paired seeds), ``pairs``,
+        ``diff``, ``diff_ci_low``, ``diff_ci_high``, ``p_ttest``, ``p_wilcoxon``, ``p_holm``,
+        ``reading``); no rows without a reference or without probes.
+    """
+    ref = alone_reference(runs, strategies)
+    if ref is None:
+        return None, []
+    values: list[Row] = []
+    used: dict[tuple[str, str], str] = {}
+    for run in runs:
+        acc = {p["encoder"]: float(p["probe_acc"]) for p in run["saved"].get("probes", [])}
+        value: Row = {"strategy": run["strategy"], "seed": run["seed"]}
+        for m in dict.fromkeys(modality_of(e) for e in acc):
+            encoder = gap_encoder(list(acc), m)
+            if encoder is not None:
+                value[f"probe/{m}"] = acc[encoder]
+                used.setdefault((run["strategy"], m), encoder)
+        values.append(value)
+    modalities = list(dict.fromkeys(k.split("/", 1)[1] for r in values for k in r if "/" in k))
+    if not modalities or not any(r["strategy"] == ref for r in values):
+        return ref, []
+    summary = summarise(values, [f"probe/{m}" for m in modalities], ref)
+    by = {(e["strategy"], e["metric"].split("/", 1)[1]): e for e in summary}
+    order = list(dict.fromkeys([*strategies, *(r["strategy"] for r in values)]))
+    out: list[Row] = []
+    for s in order:
+        for m in modalities:
+            e = by.get((s, m))
+            if s == ref or e is None:
+                continue
+            mine = {r["seed"] for r in values if r["strategy"] == s and f"probe/{m}" in r}
+            theirs = {
+                r["seed"]: r[f"probe/{m}"]
+                for r in values
+                if r["strategy"] == ref and f"probe/{m}" in r
+            }
+            paired = [theirs[k] for k in sorted(mine & set(theirs))]
+            row: Row = {"strategy": s, "modality": m, "encoder": used[(s, m)], "reference": ref}
+            row |= {"reference_encoder": used.get((ref, m), ""), "n": e["n"], "probe": e["mean"]}
+            row |= {"reference_probe": float(np.mean(paired)) if paired else math.nan}
+            row["pairs"] = e.get("pairs", 0)
+            for k in ("diff", "diff_ci_low", "diff_ci_high", "p_ttest", "p_wilcoxon", "p_holm"):
+                row[k] = e.get(k, math.nan)
+            row["reading"] = read_gap(s, m, used[(s, m)], row)
+            out.append(row)
+    return ref, out
+
+
+def gap_markdown(ref: str | None, rows: Sequence[Row], strategies: Sequence[str]) -> str:
+    """The probe-gap section of ``evaluation.md``: a table and one sentence per row, or why
+    there is none (no ``IntraOnly`` with ``mode: independent``, no probes)."""
+    if ref is None:
+        return (
+            "Not computed: this comparison has no IntraOnly run with `mode: independent` (each "
+            "modality's expert trained on its own loss), the reference encoder *trained alone*. "
+            "Add one to the compare (e.g. `experiments/mfeat/intra_only.yaml`; IntraOnly "
+            "`mode: joint` trains its experts together and is no reference)."
+        )
+    if not rows:
+        others = [s for s in strategies if s != ref]
+        why = "no other strategy to compare" if not others else "no run has probes"
+        return f"Reference **{ref}** (IntraOnly, mode: independent); nothing to report: {why}."
+    lines = [
+        f"Reference: **{ref}** (IntraOnly, `mode: independent`: each modality's expert "
+        "trained on its own loss, the encoder *trained alone*). Δ = the probe's test accuracy "
+        "of the strategy's encoder minus that of the reference's encoder of the same modality, "
+        "paired by seed: mean [95% t CI]; below 0, joint training left the encoder knowing less "
+        "of its modality than training it alone (modality imbalance).",
+        "",
+        f"| strategy | modality | encoder | probe | {ref} | Δ [95% CI] | seeds | p_Holm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        diff = f"{r['diff']:+.4f} [{_f(r['diff_ci_low'])}, {_f(r['diff_ci_high'])}]"
+        diff = diff if r["pairs"] else "n/a"
+        cells = [r["strategy"], r["modality"], f"`{r['encoder']}`", _f(r["probe"])]
+        cells += [_f(r["reference_probe"]), diff, str(r["pairs"]), _f(r["p_holm"], 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *(f"- {r['reading']}" for r in rows)]
+    return "\n".join(lines)
 
 
 # ---- the dependency report --------------------------------------------------------------------
@@ -312,12 +482,17 @@ def report(
     summary = summarise_evaluation(flat, base)
     write_csv(out / "evaluation_summary.csv", summary)
     dependency = dependency_report(main)
-    text = markdown(flat, summary, names, base, dependency)
+    ref, gaps = probe_gap(main, names)
+    gap = gap_markdown(ref, gaps, names)
+    text = markdown(flat, summary, names, base, dependency, gap=gap)
     (out / "evaluation.md").write_text(text + "\n")
-    shown = markdown(flat, summary, names, base, dependency, compact=True)
+    shown = markdown(flat, summary, names, base, dependency, compact=True, gap=gap)
     from mmlearn.evaluation.eval_plots import heatmap, risk_curves
 
     files = [out / "evaluation_summary.csv", out / "evaluation.md"]
+    if gaps:
+        write_csv(out / "probe_gap.csv", gaps)
+        files.append(out / "probe_gap.csv")
     if heatmap(summary, names, out / "missing_heatmap.png"):
         files.append(out / "missing_heatmap.png")
     if risk_curves(runs, names, out / "risk.png"):
