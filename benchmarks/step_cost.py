@@ -45,6 +45,8 @@ from torch.utils.data import DataLoader
 from mmlearn.batch import MultimodalBatch
 from mmlearn.gradients import MGDA, Block, BOGCCalibration, Sum, evidence, gramian
 from mmlearn.gradients.mgda import min_norm_weights, row_gram
+from mmlearn.gradients.torchjd import TorchJD
+from mmlearn.gradients.torchjd import available as torchjd_available
 from mmlearn.runtime import keep_freed_memory
 from mmlearn.strategies import (
     BOGC,
@@ -98,7 +100,11 @@ STRATEGIES: dict[str, Callable[[], tuple[type, dict[str, Any]]]] = {
     "OGM-GE": lambda: (OGMGE, {}),
     "MMPareto": lambda: (MMPareto, {}),
     "MLA (M steps a batch)": lambda: (MLA, {}),
+    "UPGrad (TorchJD, global)": lambda: (MultiObjective, {"rule": TorchJD("UPGrad")}),
+    "PCGrad (TorchJD, global)": lambda: (MultiObjective, {"rule": TorchJD("PCGrad")}),
 }
+if not torchjd_available():  # the optional torchjd extra
+    del STRATEGIES["UPGrad (TorchJD, global)"], STRATEGIES["PCGrad (TorchJD, global)"]
 #: strategies that cannot run at a size (Microbatch refuses BatchNorm encoders)
 SKIP = {"gpu": {"BOGC microbatch(4)"}}
 

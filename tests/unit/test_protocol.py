@@ -41,7 +41,7 @@ def test_a_matched_budget_is_stated_with_every_setting(tmp_path: Path) -> None:
     # one line per strategy (its two seeds ran the same settings)
     body = [line for line in lines[2:] if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in body] == ["| A", "| B"]
-    assert "Adam(lr=0.001, weight_decay=0.0001) | none | 6 | -1 | 64 | 8.0 | 64 |" in body[0]
+    assert "Adam(lr=0.001, weight_decay=0.0001) | none | 6 | -1 | 64 | 8.0 | 64 | none |" in body[0]
     assert "Budget matched" in text and "Hyper-parameter search: none" in text
 
 

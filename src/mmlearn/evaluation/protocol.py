@@ -25,6 +25,7 @@ FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch_size", ("data", "init_args", "batch_size")),
     ("clip_grad_norm", ("model", "init_args", "clip_grad_norm")),
     ("embed_dim", ("model", "init_args", "embed_dim")),
+    ("head_hidden", ("model", "init_args", "head_hidden")),
 )
 #: the settings that must agree for a matched budget
 MATCHED = ("optimiser", "schedule", "max_epochs", "max_steps", "batch_size", "clip_grad_norm")

@@ -105,7 +105,7 @@ class MultimodalModule(pl.LightningModule):
     drops_experts: bool = False
     #: the fusions the strategy can be built with (``None``: every one in ``FUSIONS``)
     supported_fusions: tuple[str, ...] | None = None
-    #: whether the strategy needs a linear fused head (``head_hidden`` null or 0: OGM-GE)
+    #: whether the strategy's head must be linear (``head_hidden`` null or 0: OGM-GE, MLA)
     linear_fused_head: bool = False
 
     def __init__(

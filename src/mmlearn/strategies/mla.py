@@ -92,8 +92,9 @@ class MLA(MultimodalModule):
             The released code's projection test never matches a parameter name, so its runs
             train without it: ``False`` reproduces them.
         alpha_base: ``alpha_t = alpha_base ** (1 + batch_idx / batches_per_epoch)`` (0.1).
-        **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule` (``fusion`` and
-            ``head_hidden`` are not used: the head is linear and shared).
+        head_hidden: ``None`` (or 0): the shared head is linear; anything else is refused.
+        **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule` (``fusion`` is not
+            used: there is no fusion module).
 
     Buffers (checkpointed): ``projector [D, D]`` and ``adapted`` (the number of unimodal steps
     taken). Cost: one forward, then per modality a backward through its encoder and the head
@@ -103,10 +104,21 @@ class MLA(MultimodalModule):
     has_experts = True
     drops_experts = True
 
+    linear_fused_head = True
+
     def __init__(
-        self, gradient_modification: bool = True, alpha_base: float = 0.1, **kwargs: Any
+        self,
+        gradient_modification: bool = True,
+        alpha_base: float = 0.1,
+        head_hidden: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        if head_hidden:
+            raise MMLearnError(
+                f"MLA: head_hidden={head_hidden}; MLA's one head, shared by every modality, is "
+                "linear: use head_hidden: null"
+            )
+        super().__init__(head_hidden=head_hidden, **kwargs)
         if not 0 < alpha_base < 1:
             raise MMLearnError(f"MLA: alpha_base={alpha_base}; expected 0 < alpha_base < 1")
         self.gradient_modification = bool(gradient_modification)
