@@ -123,6 +123,42 @@ CASES = [
         ["model.optimizer.init_args.lr=-0.5", "torch.optim.SGD"],
     ),
     Case("clip-grad-norm-negative", [*FIT, "--model.clip_grad_norm=-1"], ["clip_grad_norm=-1"]),
+    # ---- the imbalance baselines' own options ----------------------------------------------------
+    Case(
+        "ogm-ge-hidden-head",
+        ["fit", "--model", "OGMGE", "--model.head_hidden=64", *SYN, *SHORT],
+        ["OGMGE: head_hidden=64", "LINEAR", "head_hidden: null"],
+    ),
+    Case(
+        "ogm-ge-conv-on-mlp",
+        ["fit", "--model", "OGMGE", "--model.modulate=conv", *SYN, *SHORT],
+        ["modulate='conv'", "modality 'm0'", "modulate: weights"],
+    ),
+    Case(
+        "mmpareto-gamma-0",
+        ["fit", "--model", "MMPareto", "--model.gamma=0", *SYN, *SHORT],
+        ["MMPareto: gamma=0.0", "> 0"],
+    ),
+    Case(
+        "mla-alpha-base-2",
+        ["fit", "--model", "MLA", "--model.alpha_base=2", *SYN, *SHORT],
+        ["MLA: alpha_base=2.0", "0 < alpha_base < 1"],
+    ),
+    Case(
+        "torchjd-unknown-aggregator",
+        [
+            "fit",
+            "--model",
+            "MultiObjective",
+            "--model.rule",
+            "TorchJD",
+            "--model.rule.aggregator",
+            "Nope",
+            *SYN,
+            *SHORT,
+        ],
+        ["unknown aggregator 'Nope'", "UPGrad", "PCGrad"],
+    ),
     Case(
         "unknown-fusion",
         [*FIT, "--model.fusion=film"],
