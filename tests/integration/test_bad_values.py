@@ -160,6 +160,27 @@ CASES = [
         ["unknown aggregator 'Nope'", "UPGrad", "PCGrad"],
     ),
     Case(
+        # CAGrad's solver (cvxpy) is not in the torchjd extra: the install hint, in one line
+        "torchjd-aggregator-without-its-solver",
+        [
+            "fit",
+            "--model",
+            "MultiObjective",
+            "--model.rule",
+            "TorchJD",
+            "--model.rule.aggregator",
+            "{class_path: torchjd.aggregation.CAGrad, init_args: {c: 0.5}}",
+            *SYN,
+            *SHORT,
+        ],
+        ["CAGrad needs an optional solver", "cvxpy", "pip install"],
+    ),
+    Case(
+        "mla-accumulate-grad-batches",
+        ["fit", "--model", "MLA", "--trainer.accumulate_grad_batches=2", *SYN, *SHORT],
+        ["trainer.accumulate_grad_batches=2", "MLA", "manual optimisation", "batch_size"],
+    ),
+    Case(
         "unknown-fusion",
         [*FIT, "--model.fusion=film"],
         ["model.fusion", "'film'", "'concat'"],

@@ -287,3 +287,24 @@ def test_the_probe_gap_says_when_there_is_no_encoder_trained_alone() -> None:
     ref, rows = probe_gap(one + [evaluated("InterOnly", 5, joint__a=0.7)], ["joint", "alone"])
     assert rows[0]["pairs"] == 0 and "no gap measured" in rows[0]["reading"]
     assert "| joint | a | `joint.a` | 0.7000 | n/a | n/a | 0 | n/a |" in gap_markdown(ref, rows, [])
+
+
+def test_the_probe_gap_refuses_a_reference_trained_on_other_data() -> None:
+    # an encoder trained alone on 6 views is no reference for one trained on 2
+    runs = [
+        evaluated("IntraOnly", s, "independent", experts__a=0.8) | {"data": "M(views=[a, b, c])"}
+        for s in range(3)
+    ]
+    runs += [
+        evaluated("InterOnly", s, joint__a=0.7) | {"data": "M(views=[a, b])"} for s in range(3)
+    ]
+    ref, rows = probe_gap(runs, ["joint", "alone"])
+    assert ref == "alone" and len(rows) == 1
+    assert rows[0]["pairs"] == 0 and math.isnan(rows[0]["diff"])
+    assert rows[0]["reading"] == (
+        "joint's encoder of modality a: not compared: the reference alone was trained on other "
+        "data (M(views=[a, b, c]), not M(views=[a, b]))."
+    )
+    same = [r | {"data": "M(views=[a, b])"} for r in runs]  # the same data: compared
+    _, rows = probe_gap(same, ["joint", "alone"])
+    assert rows[0]["pairs"] == 3 and rows[0]["diff"] == pytest.approx(-0.1)

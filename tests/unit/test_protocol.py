@@ -9,12 +9,21 @@ import yaml
 from mmlearn.evaluation.protocol import describe, protocol
 
 
-def run(tmp_path: Path, name: str, lr: float = 0.001, epochs: int = 6, batch: int = 64) -> dict:
+def run(
+    tmp_path: Path,
+    name: str,
+    lr: float = 0.001,
+    epochs: int = 6,
+    batch: int = 64,
+    views: tuple[str, ...] = ("pix", "fou"),
+    strategy: str = "InterOnly",
+    embed: int = 64,
+) -> dict:
     folder = tmp_path / name
     folder.mkdir()
     cfg = {
         "model": {
-            "class_path": "mmlearn.strategies.InterOnly",
+            "class_path": f"mmlearn.strategies.{strategy}",
             "init_args": {
                 "optimizer": {
                     "class_path": "torch.optim.Adam",
@@ -22,11 +31,17 @@ def run(tmp_path: Path, name: str, lr: float = 0.001, epochs: int = 6, batch: in
                 },
                 "lr_scheduler": None,
                 "clip_grad_norm": 8.0,
-                "embed_dim": 64,
+                "embed_dim": embed,
+                "encoders": None,
+                "head_hidden": 128,
             },
         },
         "trainer": {"max_epochs": epochs, "max_steps": -1},
-        "data": {"init_args": {"batch_size": batch}},
+        "data": {
+            "class_path": "mmlearn.data.MultipleFeatures",
+            # the seed differs per run and the root per machine: neither is the data
+            "init_args": {"batch_size": batch, "views": list(views), "seed": len(name)},
+        },
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     return {"strategy": name.split("-")[0], "run_dir": str(folder)}
@@ -37,12 +52,16 @@ def test_a_matched_budget_is_stated_with_every_setting(tmp_path: Path) -> None:
     text, matched = protocol(rows, ["A", "B"])
     assert matched
     lines = text.splitlines()
-    assert lines[0].startswith("| strategy | optimiser | schedule | max_epochs")
+    assert lines[0].startswith("| strategy | data | optimiser | schedule | max_epochs")
     # one line per strategy (its two seeds ran the same settings)
     body = [line for line in lines[2:] if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in body] == ["| A", "| B"]
-    assert "Adam(lr=0.001, weight_decay=0.0001) | none | 6 | -1 | 64 | 8.0 | 64 | none |" in body[0]
+    assert (
+        "| A | MultipleFeatures(views=['pix', 'fou']) | Adam(lr=0.001, weight_decay=0.0001) | "
+        "none | 6 | -1 | 64 | 8.0 | 1 | default | 64 | 128 |"
+    ) == body[0]
     assert "Budget matched" in text and "Hyper-parameter search: none" in text
+    assert "Model settings that differ" not in text and "steps/batch:" not in text
 
 
 def test_a_different_learning_rate_or_epochs_is_named_as_not_matched(tmp_path: Path) -> None:
@@ -69,3 +88,15 @@ def test_describe_writes_class_specs_and_values() -> None:
         "Adam(lr=0.001)"
     )
     assert describe({"class_path": "no.such.Thing", "init_args": {"a": 1}}) == "Thing(a=1)"
+
+
+def test_other_data_unmatches_and_model_settings_and_mla_steps_are_named(tmp_path: Path) -> None:
+    rows = [run(tmp_path, "A-0"), run(tmp_path, "B-0", views=("fac", "fou"))]
+    text, matched = protocol(rows, ["A", "B"])
+    assert not matched and "**Budget NOT matched:** data differ" in text
+    rows = [run(tmp_path, "C-0"), run(tmp_path, "D-0", strategy="MLA", embed=16)]
+    text, matched = protocol(rows, ["C", "D"])
+    assert matched  # a model's own settings and MLA's steps do not unmatch the budget
+    assert "Model settings that differ between strategies: embed_dim" in text
+    assert "| D | " in text and "| M (one per modality) |" in text
+    assert "steps/batch: optimiser steps per batch (MLA: one per modality" in text

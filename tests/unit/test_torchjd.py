@@ -431,7 +431,11 @@ def test_the_command_line_chooses_the_aggregator_by_class_path_or_name(tj: Modul
         "class path": ([*rule, "--model.rule.aggregator", "torchjd.aggregation.PCGrad"], tj.PCGrad),
         "name": ([*rule, "--model.rule.aggregator", "PCGrad"], tj.PCGrad),
         "init args": (
-            [*rule, "--model.rule.aggregator", "MGDA", "--model.rule.aggregator.epsilon", "0.01"],
+            [
+                *rule,
+                "--model.rule.aggregator",
+                "{class_path: torchjd.aggregation.MGDA, init_args: {epsilon: 0.01}}",
+            ],
             tj.MGDA,
         ),
         "inline": (
@@ -459,3 +463,24 @@ def test_the_command_line_names_an_unknown_aggregator(tj: ModuleType, capsys, tm
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "TorchJD: unknown aggregator 'UPGard'; expected one of [" in err and "'UPGrad'" in err
+
+
+def test_a_config_spec_without_torchjd_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the spec a shipped config writes is built by the rule, not by the CLI: without torchjd it
+    # is the install command, not a type error about the value
+    monkeypatch.setitem(sys.modules, "torchjd.aggregation", None)  # import raises ImportError
+    with pytest.raises(MMLearnError, match=r"torchjd library is not installed.*pip install"):
+        TorchJD(aggregator={"class_path": "torchjd.aggregation.UPGrad"})
+
+
+def test_a_spec_with_init_args_builds_the_aggregator_with_them(tj: ModuleType) -> None:
+    rule = TorchJD(
+        {"class_path": "torchjd.aggregation.TrimmedMean", "init_args": {"trim_number": 1}}
+    )
+    assert type(rule.aggregator) is tj.TrimmedMean and rule.aggregator.trim_number == 1
+    with pytest.raises(MMLearnError, match=r"^TorchJD: UPGrad refuses init_args \{'nope': 1\}"):
+        TorchJD({"class_path": "torchjd.aggregation.UPGrad", "init_args": {"nope": 1}})
+    with pytest.raises(MMLearnError, match=r"expected a name or \{class_path"):
+        TorchJD({"init_args": {"c": 0.5}})

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from mmlearn.evaluation.protocol import settings
 from mmlearn.evaluation.report import Row, summarise, write_csv
 
 #: the measures of every run's evaluation that are summarised, as key prefixes
@@ -253,12 +254,18 @@ def read_gap(strategy: str, modality: str, encoder: str, entry: Row) -> str:
     return f"{who}: no measurable gap to the encoder trained alone ({ci})."
 
 
+#: the statistics of a probe-gap row
+GAP_STATS = ("diff", "diff_ci_low", "diff_ci_high", "p_ttest", "p_wilcoxon", "p_holm")
+
+
 def probe_gap(
     runs: Sequence[Mapping[str, Any]], strategies: Sequence[str]
 ) -> tuple[str | None, list[Row]]:
     """The probe of every strategy's encoder of each modality against the encoder trained alone.
 
-    The reference is :func:`alone_reference`; its encoder of modality m is ``experts.<m>``. For
+    The reference is :func:`alone_reference`; its encoder of modality m is ``experts.<m>``. A
+    strategy trained on other data than the reference (the runs' ``data`` setting, from their
+    configs) gets a row saying so and no statistics. For
     every other strategy and modality (encoder by :func:`gap_encoder`), the difference of the
     probes' test accuracies (strategy minus reference) is paired by seed and summarised by
     :func:`~mmlearn.evaluation.report.summarise`: mean, 95% t interval, paired t, Wilcoxon and
@@ -295,11 +302,25 @@ def probe_gap(
     summary = summarise(values, [f"probe/{m}" for m in modalities], ref)
     by = {(e["strategy"], e["metric"].split("/", 1)[1]): e for e in summary}
     order = list(dict.fromkeys([*strategies, *(r["strategy"] for r in values)]))
+    data = {s: {str(r["data"]) for r in runs if r["strategy"] == s and "data" in r} for s in order}
     out: list[Row] = []
     for s in order:
         for m in modalities:
             e = by.get((s, m))
             if s == ref or e is None:
+                continue
+            row: Row = {"strategy": s, "modality": m, "encoder": used[(s, m)], "reference": ref}
+            row |= {"reference_encoder": used.get((ref, m), ""), "n": e["n"], "probe": e["mean"]}
+            if data[s] and data[ref] and data[s] != data[ref]:
+                # an encoder trained alone on other data is no reference for this one
+                row |= {"reference_probe": math.nan, "pairs": 0}
+                row |= {k: math.nan for k in GAP_STATS}
+                row["reading"] = (
+                    f"{s}'s encoder of modality {m}: not compared: the reference {ref} was "
+                    f"trained on other data ({', '.join(sorted(data[ref]))}, not "
+                    f"{', '.join(sorted(data[s]))})."
+                )
+                out.append(row)
                 continue
             mine = {r["seed"] for r in values if r["strategy"] == s and f"probe/{m}" in r}
             theirs = {
@@ -308,11 +329,9 @@ def probe_gap(
                 if r["strategy"] == ref and f"probe/{m}" in r
             }
             paired = [theirs[k] for k in sorted(mine & set(theirs))]
-            row: Row = {"strategy": s, "modality": m, "encoder": used[(s, m)], "reference": ref}
-            row |= {"reference_encoder": used.get((ref, m), ""), "n": e["n"], "probe": e["mean"]}
             row |= {"reference_probe": float(np.mean(paired)) if paired else math.nan}
             row["pairs"] = e.get("pairs", 0)
-            for k in ("diff", "diff_ci_low", "diff_ci_high", "p_ttest", "p_wilcoxon", "p_holm"):
+            for k in GAP_STATS:
                 row[k] = e.get(k, math.nan)
             row["reading"] = read_gap(s, m, used[(s, m)], row)
             out.append(row)
@@ -326,8 +345,9 @@ def gap_markdown(ref: str | None, rows: Sequence[Row], strategies: Sequence[str]
         return (
             "Not computed: this comparison has no IntraOnly run with `mode: independent` (each "
             "modality's expert trained on its own loss), the reference encoder *trained alone*. "
-            "Add one to the compare (e.g. `experiments/mfeat/intra_only.yaml`; IntraOnly "
-            "`mode: joint` trains its experts together and is no reference)."
+            "Add one on the same data to the compare (e.g. `experiments/imbalance/alone.yaml` "
+            "for the imbalance configs, `experiments/mfeat/intra_only.yaml` for mfeat's; "
+            "IntraOnly `mode: joint` trains its experts together and is no reference)."
         )
     if not rows:
         others = [s for s in strategies if s != ref]
@@ -455,7 +475,11 @@ def load(rows: Sequence[Row]) -> list[dict[str, Any]]:
         path = r.get("evaluation")
         if path and Path(str(path)).is_file():
             saved = json.loads(Path(str(path)).read_text())
-            out.append({"strategy": r["strategy"], "seed": r["seed"], "saved": saved} | _frac(r))
+            found = settings(str(r.get("run_dir", ""))) if r.get("run_dir") else None
+            data = {"data": found["data"]} if found else {}
+            out.append(
+                {"strategy": r["strategy"], "seed": r["seed"], "saved": saved} | _frac(r) | data
+            )
     return out
 
 

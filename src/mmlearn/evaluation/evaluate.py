@@ -330,8 +330,10 @@ def _probes(
     for name, (m, _) in encoders.items():
         probe = fit_probe(train.features[name], train.target, model.num_classes, model.multilabel)
         # the unimodal head of m reads the expert's own encoder where there is one (I2M2),
-        # else the shared encoder (LateFusionHeads and the gradient-level strategies)
-        feeds_head = name == (f"experts.{m}" if f"experts.{m}" in encoders else f"joint.{m}")
+        # else the shared encoder (LateFusionHeads and the gradient-level strategies; MLA's
+        # `encoders.m` feeds its shared head)
+        own = [f"experts.{m}", f"encoders.{m}", f"joint.{m}"]
+        feeds_head = name == next((e for e in own if e in encoders), None)
         head = experts.get(m, {}).get("acc") if feeds_head else None
         out.append(
             {

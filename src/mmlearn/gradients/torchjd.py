@@ -16,7 +16,7 @@ import contextlib
 import copy
 import importlib
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -99,15 +99,28 @@ def _class_named(name: str, agg: ModuleType) -> type:
     return cls
 
 
-def resolve(aggregator: nn.Module | type | str) -> nn.Module:
-    """A torchjd ``Aggregator`` instance from an instance, a class or a name.
+def resolve(aggregator: nn.Module | type | str | Mapping[str, Any]) -> nn.Module:
+    """A torchjd ``Aggregator`` instance from an instance, a class, a name or a class spec.
 
-    A class or a name is built with its default arguments; one that needs arguments
+    A spec ``{class_path: torchjd.aggregation.CAGrad, init_args: {c: 0.5}}`` (what a config
+    writes) is built here, not by the CLI, so that a missing torchjd, a misspelt class or a
+    missing optional solver is an error saying how to fix it. A class or a name is built with
+    its default arguments; one that needs arguments
     (``TrimmedMean(trim_number)``, ``Krum(n_byzantine)``, ``CAGrad(c)``, ...) is refused with
     how to give them, one whose optional solver is missing with torchjd's install hint.
     """
     agg = _aggregation()
     valid = aggregator_names()
+    init_args: Mapping[str, Any] = {}
+    if isinstance(aggregator, Mapping):
+        unknown = sorted(set(aggregator) - {"class_path", "init_args"})
+        if "class_path" not in aggregator or unknown:
+            raise MMLearnError(
+                f"TorchJD: aggregator={dict(aggregator)!r}; expected a name or "
+                "{class_path: torchjd.aggregation.<Name>, init_args: {...}}"
+            )
+        init_args = aggregator.get("init_args") or {}
+        aggregator = str(aggregator["class_path"])
     if isinstance(aggregator, str):
         aggregator = _class_named(aggregator, agg)
     if isinstance(aggregator, type):
@@ -119,13 +132,17 @@ def resolve(aggregator: nn.Module | type | str) -> nn.Module:
         name = aggregator.__name__
         path = f"torchjd.aggregation.{name}" if name in valid else aggregator.__qualname__
         try:
-            aggregator = aggregator()
+            aggregator = aggregator(**init_args)
         except ImportError as e:
             raise MMLearnError(
                 f"TorchJD: {name} needs an optional solver: {e} (UPGrad's and DualProj's come "
                 f"with mmlearn's extra: {INSTALL_HINT})"
             ) from e
         except TypeError as e:
+            if init_args:
+                raise MMLearnError(
+                    f"TorchJD: {name} refuses init_args {dict(init_args)}: {e}"
+                ) from e
             raise MMLearnError(
                 f"TorchJD: {name} needs arguments ({e}); give it with them, e.g. "
                 f"{{class_path: {path}, init_args: {{...}}}}"
@@ -187,10 +204,12 @@ class TorchJD(Rule):
     same on every rank and equals single-process training on the whole batch.
 
     Args:
-        aggregator: a torchjd ``Aggregator``: an instance (from a config,
-            ``{class_path: torchjd.aggregation.UPGrad, init_args: {...}}``), a class, or a name of
+        aggregator: a torchjd ``Aggregator``: a spec (from a config,
+            ``{class_path: torchjd.aggregation.CAGrad, init_args: {c: 0.5}}``, built here so
+            that a missing library or solver is a clear error), a name of
             ``torchjd.aggregation`` (``"UPGrad"``, ``"PCGrad"``, ``"IMTL-G"``: any case, ``-``
-            and ``_`` ignored; a class or name is built with its default arguments). Default
+            and ``_`` ignored; built with its default arguments), or, from Python, an instance
+            or a class. Default
             UPGrad, the paper's aggregator. Unknown names are refused with the valid ones listed.
         scope: which matrix the aggregator sees.
 
@@ -234,7 +253,7 @@ class TorchJD(Rule):
 
     def __init__(
         self,
-        aggregator: nn.Module | str = "UPGrad",
+        aggregator: str | dict[str, Any] = "UPGrad",
         scope: str = "global",
         seed: int | None = 0,
     ) -> None:

@@ -107,6 +107,9 @@ class MultimodalModule(pl.LightningModule):
     supported_fusions: tuple[str, ...] | None = None
     #: whether the strategy's head must be linear (``head_hidden`` null or 0: OGM-GE, MLA)
     linear_fused_head: bool = False
+    #: optimiser steps per training batch, as the training protocol states it (MLA: one per
+    #: modality)
+    optimizer_steps_per_batch: str = "1"
 
     def __init__(
         self,
@@ -311,7 +314,19 @@ class MultimodalModule(pl.LightningModule):
         # optimisation (which would refuse gradient_clip_val without naming the option to use)
         if self._trainer is not None:
             self._refuse_trainer_clipping()
+            self._refuse_accumulation()
         return []
+
+    def _refuse_accumulation(self) -> None:
+        """Manual optimisation takes its own steps: Lightning cannot accumulate them (and would
+        refuse with a traceback)."""
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
+        if accumulate > 1 and not self.automatic_optimization:
+            raise MMLearnError(
+                f"trainer.accumulate_grad_batches={accumulate}: {type(self).__name__} takes its "
+                "own optimiser steps (manual optimisation), which cannot be accumulated; use a "
+                "larger data.batch_size instead"
+            )
 
     def _setup_trainer(self) -> None:
         self._refuse_trainer_clipping()

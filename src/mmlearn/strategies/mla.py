@@ -93,8 +93,8 @@ class MLA(MultimodalModule):
             train without it: ``False`` reproduces them.
         alpha_base: ``alpha_t = alpha_base ** (1 + batch_idx / batches_per_epoch)`` (0.1).
         head_hidden: ``None`` (or 0): the shared head is linear; anything else is refused.
-        **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule` (``fusion`` is not
-            used: there is no fusion module).
+        **kwargs: see :class:`~mmlearn.strategies.base.MultimodalModule`; a ``fusion`` other
+            than the default is refused (there is no fusion module).
 
     Buffers (checkpointed): ``projector [D, D]`` and ``adapted`` (the number of unimodal steps
     taken). Cost: one forward, then per modality a backward through its encoder and the head
@@ -105,6 +105,8 @@ class MLA(MultimodalModule):
     drops_experts = True
 
     linear_fused_head = True
+    optimizer_steps_per_batch = "M (one per modality)"
+    supported_fusions = ("concat",)  # the default; there is no fusion module
 
     def __init__(
         self,
@@ -117,6 +119,12 @@ class MLA(MultimodalModule):
             raise MMLearnError(
                 f"MLA: head_hidden={head_hidden}; MLA's one head, shared by every modality, is "
                 "linear: use head_hidden: null"
+            )
+        fusion = kwargs.get("fusion", "concat")
+        if fusion != "concat":
+            raise MMLearnError(
+                f"MLA: fusion={fusion!r}; MLA has no fusion module (it fuses the unimodal logits "
+                "by their entropy at test time): leave model.fusion unset"
             )
         super().__init__(head_hidden=head_hidden, **kwargs)
         if not 0 < alpha_base < 1:
