@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from helpers import require  # noqa: I001  (tests/helpers.py)
+from helpers import quiet_trainer, require  # noqa: I001  (tests/helpers.py)
 from mmlearn.cli import build_cli, main
 from mmlearn.data import SyntheticMultimodal
 from mmlearn.errors import MMLearnError
@@ -320,15 +320,8 @@ def make_data(n_train: int = 72) -> SyntheticMultimodal:
 
 
 def trainer(steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+    return quiet_trainer(
+        max_epochs=None, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0
     )
 
 

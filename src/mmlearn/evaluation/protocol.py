@@ -57,13 +57,20 @@ def _get(cfg: Mapping[str, Any], path: Sequence[str]) -> Any:
     return node
 
 
+def _load(class_path: Any) -> Any:
+    """The object ``class_path`` names, or ``None`` when it cannot be imported."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 def _defaults(class_path: str) -> dict[str, Any]:
     """The constructor defaults of the class ``class_path`` names (``{}`` if it cannot load)."""
-    module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
-        params = inspect.signature(cls).parameters.values()
-    except (ImportError, AttributeError, ValueError, TypeError):
+        params = inspect.signature(_load(class_path)).parameters.values()
+    except (ValueError, TypeError):  # None, or a class without a signature
         return {}
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
@@ -103,12 +110,8 @@ def _data(spec: Any) -> str:
 
 def _steps_per_batch(class_path: Any) -> str:
     """Optimiser steps per batch of the strategy (MLA: one per modality)."""
-    module, _, name = str(class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return "?"
-    return str(getattr(cls, "optimizer_steps_per_batch", "1"))
+    cls = _load(class_path)
+    return "?" if cls is None else str(getattr(cls, "optimizer_steps_per_batch", "1"))
 
 
 def settings(run_dir: str | Path) -> dict[str, str] | None:

@@ -317,16 +317,24 @@ class MultimodalModule(pl.LightningModule):
             self._refuse_accumulation()
         return []
 
+    def accumulation_refusal(self, accumulate: int) -> str | None:
+        """Why the strategy cannot fit with ``trainer.accumulate_grad_batches=accumulate``
+        (``None``: it can). Manual optimisation takes its own steps, which Lightning cannot
+        accumulate (and would refuse with a traceback); OGM-GE says why it cannot either."""
+        if self.automatic_optimization:
+            return None
+        return (
+            f"trainer.accumulate_grad_batches={accumulate}: {type(self).__name__} takes its "
+            "own optimiser steps (manual optimisation), which cannot be accumulated; use a "
+            "larger data.batch_size instead"
+        )
+
     def _refuse_accumulation(self) -> None:
-        """Manual optimisation takes its own steps: Lightning cannot accumulate them (and would
-        refuse with a traceback)."""
         accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
-        if accumulate > 1 and not self.automatic_optimization:
-            raise MMLearnError(
-                f"trainer.accumulate_grad_batches={accumulate}: {type(self).__name__} takes its "
-                "own optimiser steps (manual optimisation), which cannot be accumulated; use a "
-                "larger data.batch_size instead"
-            )
+        fitting = self.trainer.state.fn == "fit"
+        refusal = self.accumulation_refusal(accumulate) if accumulate > 1 and fitting else None
+        if refusal is not None:
+            raise MMLearnError(refusal)
 
     def _setup_trainer(self) -> None:
         self._refuse_trainer_clipping()

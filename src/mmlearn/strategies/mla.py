@@ -199,6 +199,8 @@ class MLA(MultimodalModule):
         opt = self.optimizers()
         feats = self.encode(batch.inputs)
         losses: dict[str, Tensor] = {}
+        for p in self.parameters():  # each step below sees only its own parameters' gradients
+            p.grad = None
         world = step.world_size()
         for m in self.modalities:
             params = [*self.encoders[m].parameters(), *self.head.parameters()]
@@ -219,16 +221,14 @@ class MLA(MultimodalModule):
                 w = str(len(params) - 2)  # the head's weight (then its bias)
                 if w in mean:
                     mean[w] = mean[w] @ self._projector.T.to(mean[w].dtype)
-            for p in self.parameters():
-                p.grad = None
             for i, p in enumerate(params):
                 p.grad = mean[str(i)].to(p.dtype) if str(i) in mean else None
             if self.clip_grad_norm:
                 self.clip_gradients(opt, self.clip_grad_norm, "norm")  # type: ignore[arg-type]
             opt.step()  # type: ignore[union-attr]
             self.adapted.add_(1)  # type: ignore[operator]
-        for p in self.parameters():
-            p.grad = None
+            for p in params:
+                p.grad = None
         self.log_losses(self.total_loss(losses), losses, batch.size)
         with torch.no_grad():
             outputs = self.decode({k: v.detach() for k, v in feats.items()})

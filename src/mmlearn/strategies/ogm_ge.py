@@ -160,15 +160,12 @@ class OGMGE(InterOnly):
         return {FUSED: self.joint.decode(feats)} | self.head_blocks(feats)
 
     # ---- the modulation -------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1) or 1)
-        if stage == "fit" and accumulate > 1:
-            raise MMLearnError(
-                f"OGMGE: trainer.accumulate_grad_batches={accumulate} is not supported: the "
-                "modulation would damp the gradient accumulated so far after every micro-batch "
-                "(and draw the same noise each time); use a larger data.batch_size instead"
-            )
+    def accumulation_refusal(self, accumulate: int) -> str | None:
+        return (
+            f"OGMGE: trainer.accumulate_grad_batches={accumulate} is not supported: the "
+            "modulation would damp the gradient accumulated so far after every micro-batch "
+            "(and draw the same noise each time); use a larger data.batch_size instead"
+        )
 
     def modulating(self) -> bool:
         return self.modulation_starts <= self.current_epoch <= self.modulation_ends
